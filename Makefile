@@ -1,0 +1,41 @@
+# headscope: two commands on a fresh clone — `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0 is pinned only when the venv has no torch yet: on this machine pip takes the CPU build
+# that lies on disk, and a user's own torch (CUDA, MPS) is kept.
+TORCH  ?= torch==2.13.0
+OUT    ?= out
+
+.PHONY: install install-test demo test test-slow bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/headscope generate "a red circle on the left and a blue square on the right" --daam --seed 0 --out $(OUT)/demo
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-slow: install-test
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install-test
+	$(BIN)/python benchmarks/trace_overhead.py
+	$(BIN)/python benchmarks/daam_segmentation.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

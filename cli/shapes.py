@@ -1,0 +1,140 @@
+"""`headscope shapes ...`: the shapes world — render scenes, train the embedded model, score a model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+@click.group("shapes")
+def shapes():
+    """The shapes world: synthetic scenes with ground truth, and the embedded model trained on them."""
+
+
+@shapes.command("render")
+@click.option("--n", "count", default=16, show_default=True, type=click.IntRange(1, 1024), help="Scenes to render.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/shapes"),
+              show_default=True)
+def render_cmd(count: int, seed: int, out: Path):
+    """Render sampled scenes with their captions and ground truth (scenes.json) and a contact sheet.
+
+    Example: headscope shapes render --n 16 --out out/shapes
+    """
+    import numpy as np
+    from PIL import Image
+
+    from headscope.shapes.world import SceneSampler, render
+
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = SceneSampler(seed=seed)
+    scenes, tiles = [], []
+    for i in range(count):
+        scene = sampler.sample()
+        image, _ = render(scene)
+        Image.fromarray(image).save(out / f"scene-{i:03d}.png")
+        scenes.append({"file": f"scene-{i:03d}.png", **scene.to_json()})
+        tiles.append(image)
+    _write_json(out / "scenes.json", scenes)
+    _contact_sheet(tiles, [s["caption"] for s in scenes], out / "sheet.png")
+    click.echo(f"wrote {count} scenes to {out}/ (captions and ground truth in scenes.json)")
+
+
+def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(caption, fontsize=8, wrap=True)
+    fig.suptitle("shapes world: rendered scenes and their captions")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@shapes.command("train")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for checkpoints, logs and the exported pipeline; re-run to resume.")
+@click.option("--unet-steps", type=click.IntRange(1), default=None, help="Override the UNet step count.")
+@click.option("--vae-steps", type=click.IntRange(1), default=None, help="Override the VAE step count.")
+@click.option("--n-scenes", type=click.IntRange(16), default=None, help="Training scenes to encode.")
+@click.option("--seed", type=int, default=None)
+@click.option("--tiny", is_flag=True, help="A tiny architecture, for smoke tests.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, threads):
+    """Train (or resume) the shapes model: VAE, latent encoding, then UNet + text encoder with EMA.
+
+    Example: nohup headscope shapes train --run-dir runs/shapes &   (CPU-hours; resumable)
+    """
+    import torch
+
+    from headscope.shapes.model import TINY
+    from headscope.shapes.train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    saved = run_dir / "run.json"
+    cfg = TrainConfig.from_json(json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
+    if tiny:
+        cfg.model = TINY
+    for name, value in (("unet_steps", unet_steps), ("vae_steps", vae_steps), ("n_scenes", n_scenes),
+                        ("seed", seed)):
+        if value is not None:
+            setattr(cfg, name, value)
+    pipeline = train(run_dir, cfg)
+    click.echo(f"exported pipeline: {pipeline}")
+
+
+@shapes.command("eval")
+@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; one image per prompt and seed.")
+@click.option("--steps", type=click.IntRange(1), default=25, show_default=True)
+@click.option("--guidance", type=click.FloatRange(0), default=None, help="Guidance scale (default: the model's).")
+@click.option("--n-single", type=click.IntRange(0), default=48, show_default=True)
+@click.option("--n-pair", type=click.IntRange(0), default=24, show_default=True)
+@click.option("--n-count", type=click.IntRange(0), default=12, show_default=True)
+@click.option("--n-polysemy", type=click.IntRange(0), default=24, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the summary and per-image records as JSON here.")
+@click.option("--device", default=None)
+def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysemy, out, device):
+    """Score a model on held-out shapes-world prompts with the annotator; prints a table.
+
+    Example: headscope shapes eval --seeds 0,1,2 --out out/eval.json
+    """
+    from headscope.errors import HeadscopeError
+    from headscope.models import load_pipeline, model_defaults
+    from headscope.shapes.evaluate import eval_scenes, evaluate, format_summary
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise HeadscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not seed_list:
+        raise HeadscopeError("--seeds is empty; give at least one seed, e.g. --seeds 0,1")
+    pipe = load_pipeline(model, device=device)
+    guidance = model_defaults(pipe).get("guidance_scale", 5.0) if guidance is None else guidance
+    scenes = eval_scenes(n_single=n_single, n_pair=n_pair, n_count=n_count, n_polysemy=n_polysemy)
+    result = evaluate(pipe, scenes, seeds=seed_list, steps=steps, guidance=guidance)
+    click.echo(format_summary(result["summary"]))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(out, {"model": str(model or "embedded"), **result})
+        click.echo(f"wrote {out}", err=True)

@@ -1,0 +1,88 @@
+"""Pipeline loading: a local diffusers folder, a hub id, or the embedded shapes model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "shapes_model"
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def embedded_model_path() -> Path:
+    """Folder of the shapes model shipped inside the package."""
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise HeadscopeError(f"the embedded shapes model is missing at {EMBEDDED_MODEL}; "
+                             "reinstall headscope or pass --model PATH_OR_HUB_ID")
+    return EMBEDDED_MODEL
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise HeadscopeError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def load_pipeline(model: str | Path | None = None, device: str | None = None, dtype=None, **kwargs):
+    """Load a diffusers text-to-image pipeline through `DiffusionPipeline.from_pretrained`.
+
+    Args:
+        model: a local pipeline folder, a hub id (SD 1.x / 2.x / XL), or None for the embedded shapes model.
+        device: "cpu", "cuda", "mps"...; None picks the best available.
+        dtype: torch dtype or one of "fp32", "fp16", "bf16"; None keeps the saved dtype.
+        **kwargs: passed on to `from_pretrained` (e.g. `variant="fp16"`).
+    """
+    from diffusers import DiffusionPipeline
+
+    source = embedded_model_path() if model is None else model
+    # The embedded model is stored in fp16 to stay small; CPUs compute it in fp32.
+    torch_dtype = _resolve_dtype(dtype if dtype is not None or model is not None else "fp32")
+    path = Path(source).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise HeadscopeError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                                 "pass a folder written by save_pretrained or a hub id")
+        try:
+            json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HeadscopeError(f"{index} is not valid JSON ({err}); re-save the pipeline") from None
+    elif str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise HeadscopeError(f"model folder {source} does not exist; pass an existing folder or a hub id")
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(source), **kwargs)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HeadscopeError(f"could not load model {source}: {first}") from None
+    pipe = pipe.to(device or default_device())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def model_defaults(pipe) -> dict:
+    """Generation defaults a headscope-trained model ships in headscope.json (guidance, steps); else {}."""
+    folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    meta = Path(str(folder)) / "headscope.json" if folder else None
+    if meta is None or not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text()).get("defaults", {})
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}

@@ -1,0 +1,323 @@
+"""Training of the embedded shapes model: VAE, latent encoding, then UNet + text encoder.
+
+Every stage is seeded, checkpoints periodically into a run folder and resumes from its last
+checkpoint when started again with the same folder. The data order and the noise of step t depend
+only on (seed, t), so an interrupted and resumed run sees the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from headscope.shapes.model import (ModelConfig, build_scheduler, build_text_encoder, build_unet, build_vae,
+                                    latent_size)
+from headscope.shapes.tokenizer import build_tokenizer
+from headscope.shapes.world import SceneSampler, render
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved as run.json in the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    vae_steps: int = 1800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    n_scenes: int = 50_000
+    unet_steps: int = 12_000
+    unet_batch: int = 32
+    unet_lr: float = 3e-4
+    warmup: int = 300
+    ema_decay: float = 0.999
+    min_snr: float = 5.0
+    cond_dropout: float = 0.1
+    color_jitter: float = 8.0
+    checkpoint_every: int = 500
+    export_every: int = 1000
+    log_every: int = 50
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["model"] = self.model.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["model"] = ModelConfig.from_json(data["model"])
+        return cls(**data)
+
+
+def _atomic_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Weights as safetensors, trainer state (optimizer, step) as a weights-only torch file."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "weights.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path / "weights.safetensors")
+    torch.save(state, path / "state.pt.tmp")
+    os.replace(path / "state.pt.tmp", path / "state.pt")
+
+
+def _load_checkpoint(path: Path):
+    if not (path / "state.pt").is_file():
+        return None, None
+    return load_file(str(path / "weights.safetensors")), torch.load(path / "state.pt", weights_only=True)
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _render_batch(sampler: SceneSampler, n: int, jitter: float) -> tuple[torch.Tensor, list[str]]:
+    """Returns images `[n, 3, H, W]` in [-1, 1] and their captions."""
+    images, captions = [], []
+    for _ in range(n):
+        scene = sampler.sample()
+        image, _ = render(scene, color_jitter=jitter, rng=sampler.rng)
+        images.append(image)
+        captions.append(scene.caption)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return batch, captions
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+def vae_loss(vae, images: torch.Tensor, kl_weight: float = 1e-6) -> torch.Tensor:
+    """Foreground-weighted L1: objects are a small part of a black canvas, and their edges decide shape."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample()).sample.float()
+    foreground = (images.amax(dim=1, keepdim=True) > -0.8).float()
+    weight = 1.0 + 4.0 * F.max_pool2d(foreground, 3, stride=1, padding=1)
+    return (weight * (recon - images).abs()).mean() + kl_weight * posterior.kl().mean()
+
+
+def train_vae(run_dir: Path, cfg: TrainConfig, *, progress: bool = True):
+    ckpt = run_dir / "vae"
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.model)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    weights, state = _load_checkpoint(ckpt)
+    start = 0
+    if state is not None:
+        vae.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if state.get("done"):
+            return vae
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", disable=not progress, initial=start, total=cfg.vae_steps)
+    for step in bar:
+        sampler = SceneSampler(seed=cfg.seed * 1_000_003 + step)
+        images, _ = _render_batch(sampler, cfg.vae_batch, cfg.color_jitter)
+        lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = vae_loss(vae, images)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0:
+            _log(run_dir, {"stage": "vae", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+        if (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": step + 1})
+    _save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": cfg.vae_steps, "done": True})
+    return vae
+
+
+# -------------------------------------------------------------------------------------- latent cache
+@torch.no_grad()
+def encode_dataset(run_dir: Path, cfg: TrainConfig, vae, *, progress: bool = True) -> dict:
+    """Render n_scenes training scenes once and keep their latent posteriors (mean, std)."""
+    out = run_dir / "latents.safetensors"
+    if out.is_file():
+        return json.loads((run_dir / "latents.json").read_text())
+    vae.eval()
+    sampler = SceneSampler(seed=cfg.seed + 7919)
+    means, stds, captions = [], [], []
+    chunk = 250
+    for _ in tqdm(range(math.ceil(cfg.n_scenes / chunk)), desc="encode", disable=not progress):
+        images, caps = _render_batch(sampler, chunk, cfg.color_jitter)
+        posterior = vae.encode(images).latent_dist
+        means.append(posterior.mean.half())
+        stds.append(posterior.std.half())
+        captions += caps
+    mean, std = torch.cat(means)[: cfg.n_scenes].contiguous(), torch.cat(stds)[: cfg.n_scenes].contiguous()
+    scaling = 1.0 / float(mean.float().std())
+    meta = {"captions": captions[: cfg.n_scenes], "scaling_factor": scaling}
+    _atomic_json(run_dir / "latents.json", meta)
+    save_file({"mean": mean, "std": std}, str(out) + ".tmp")
+    os.replace(str(out) + ".tmp", out)  # last: its presence marks the stage as done
+    return meta
+
+
+# ------------------------------------------------------------------------------------ UNet + text
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - decay)
+
+
+def _named(unet, text_encoder) -> dict[str, torch.Tensor]:
+    params = {f"unet.{k}": v for k, v in unet.named_parameters()}
+    params.update({f"text.{k}": v for k, v in text_encoder.named_parameters()})
+    return params
+
+
+def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023)."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bool = True,
+               on_export=None) -> None:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(cfg.seed + 1)
+    unet, text_encoder = build_unet(cfg.model), build_text_encoder(cfg.model, tokenizer)
+    scheduler = build_scheduler()
+    params = _named(unet, text_encoder)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.unet_lr, weight_decay=1e-2)
+    ema = EMA(params, cfg.ema_decay)
+    ckpt = run_dir / "unet"
+    weights, state = _load_checkpoint(ckpt)
+    start = 0
+    if state is not None:
+        unet.load_state_dict(_split(weights, "model.unet"), strict=False)
+        text_encoder.load_state_dict(_split(weights, "model.text"), strict=False)
+        ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    latents = load_file(str(run_dir / "latents.safetensors"))
+    mean, std = latents["mean"], latents["std"]
+    captions = meta["captions"]
+    scaling = meta["scaling_factor"]
+    n = len(captions)
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(start, cfg.unet_steps), desc="unet", disable=not progress, initial=start,
+               total=cfg.unet_steps)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        epoch, offset = divmod(step * cfg.unet_batch, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        idx = order[offset: offset + cfg.unet_batch]
+        z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
+        texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = scheduler.add_noise(z0, noise, t)
+        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(params, step)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0:
+            _log(run_dir, {"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            tensors = {f"model.{k}": v for k, v in params.items()}
+            tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+            _save_checkpoint(ckpt, tensors, {"optimizer": opt.state_dict(), "step": done})
+        if done % cfg.export_every == 0 or done == cfg.unet_steps:
+            target = export_pipeline(run_dir, cfg, vae, ema.shadow, scaling, run_dir / "pipeline")
+            _log(run_dir, {"stage": "export", "step": done, "path": str(target), "time": time.time()})
+            if on_export is not None:
+                on_export(done, target)
+
+
+def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, torch.Tensor], scaling: float,
+                    out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write an ordinary StableDiffusionPipeline folder (save_pretrained) from EMA weights, atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_tokenizer()
+    vae = copy.deepcopy(vae)
+    unet, text_encoder = build_unet(cfg.model), build_text_encoder(cfg.model, tokenizer)
+    unet.load_state_dict(_split(weights, "unet"), strict=False)
+    text_encoder.load_state_dict(_split(weights, "text"), strict=False)
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(dtype=dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp)
+    _atomic_json(tmp / "headscope.json", {"kind": "shapes-world", "train_config": cfg.to_json(),
+                                          "latent_size": latent_size(cfg.model), "image_size": cfg.model.image_size})
+    if out.exists():
+        import shutil
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool = True, on_export=None) -> Path:
+    """Run (or resume) all stages in `run_dir`; returns the exported pipeline folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "run.json"
+    if saved.is_file():
+        cfg = TrainConfig.from_json(json.loads(saved.read_text())) if cfg is None else cfg
+    cfg = cfg or TrainConfig()
+    _atomic_json(saved, cfg.to_json())
+    vae = train_vae(run_dir, cfg, progress=progress)
+    meta = encode_dataset(run_dir, cfg, vae, progress=progress)
+    train_unet(run_dir, cfg, vae, meta, progress=progress, on_export=on_export)
+    return run_dir / "pipeline"
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(int(os.environ.get("HEADSCOPE_THREADS", "2")))
+    train(sys.argv[1])
