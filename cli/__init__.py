@@ -1,0 +1,1 @@
+"""The `headscope` command line (installed as the package `headscope_cli`)."""

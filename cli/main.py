@@ -1,0 +1,332 @@
+"""The `headscope` command: generate images, draw DAAM word maps, list a model's heads.
+
+Every user mistake (a HeadscopeError or a click usage error) ends as one line on stderr and exit
+code 2, before anything is written to --out: outputs are staged in a hidden folder next to --out
+and moved in only when everything succeeded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from headscope import __version__
+from headscope.errors import HeadscopeError
+from headscope_cli.shapes import shapes
+
+DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+EXAMPLES = """
+\b
+Examples:
+  headscope generate "a red circle above a blue square" --seed 1 --daam
+  headscope daam "a red circle above a blue square" --word circle --word square --out out/circle
+  headscope heads --model path/to/sd-v1-5
+"""
+
+
+class HeadscopeGroup(click.Group):
+    """A click group whose errors are one line on stderr with exit code 2, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            _fail(error.format_message(), error.ctx)
+        except HeadscopeError as error:
+            _fail(str(error))
+        except click.ClickException as error:
+            _fail(error.format_message(), code=error.exit_code)
+        except click.Abort:
+            _fail("aborted", code=1)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+def _fail(message: str, ctx: click.Context | None = None, code: int = 2):
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    click.echo(f"headscope: error: {' '.join(str(message).split())}{hint}", err=True)
+    sys.exit(code)
+
+
+@click.group(name="headscope", cls=HeadscopeGroup, epilog=EXAMPLES,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="headscope", message="%(prog)s %(version)s")
+def cli():
+    """Look inside the cross-attention heads of text-to-image diffusion models."""
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our progress bar and errors: no loading bars or warnings from the libraries."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def parse_window(ctx, param, value):
+    """--window START:END (fractions of the run) -> (start, end) floats, validated."""
+    if value is None:
+        return None
+    from headscope.steps import StepWindow
+
+    try:
+        start, end = (float(part) for part in value.split(":"))
+        return StepWindow.parse((start, end)).spec
+    except (ValueError, HeadscopeError):
+        raise click.BadParameter(f"{value!r}: use START:END fractions with 0 <= START < END <= 1, "
+                                 "e.g. 0:0.5") from None
+
+
+def generation_options(command):
+    """Options shared by `generate` and `daam`."""
+    options = [
+        click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Random seed."),
+        click.option("--steps", default=None, type=click.IntRange(min=1),
+                     help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}]."),
+        click.option("--guidance", default=None, type=click.FloatRange(min=0.0),
+                     help=f"Classifier-free guidance scale, <= 1 turns it off [default: the model's, else "
+                          f"{DEFAULT_GUIDANCE}]."),
+        click.option("--negative-prompt", default=None, help="Negative prompt."),
+        click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Images to generate for the prompt."),
+        click.option("--window", default=None, callback=parse_window, metavar="START:END",
+                     help="Record only this part of the run, as fractions (e.g. 0:0.5)."),
+        click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Output folder."),
+        click.option("--device", default=None, help="cpu, cuda, mps... (default: best available)."),
+        click.option("--dtype", default=None, type=click.Choice(DTYPES), help="Weights dtype (default: as saved)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command(epilog=EXAMPLES)
+@click.argument("prompt")
+@generation_options
+@click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
+def generate(prompt, with_daam, **options):
+    """Generate image(s) for PROMPT into --out (image.png, summary.json; maps/ with --daam)."""
+    words = [] if with_daam else None
+    _run(prompt, words=words, head_grids=False, **options)
+
+
+@cli.command(epilog=EXAMPLES)
+@click.argument("prompt")
+@generation_options
+@click.option("--word", "words", multiple=True, help="Word to map (repeatable; default: every word).")
+def daam(prompt, words, **options):
+    """Generate PROMPT and draw DAAM word maps and per-head grids into --out/maps."""
+    _run(prompt, words=list(words), head_grids=True, **options)
+
+
+@cli.command(epilog=EXAMPLES)
+@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the layout as JSON instead of a table.")
+def heads(model, as_json):
+    """List the cross-attention layers and heads of a model's UNet, in execution order."""
+    from headscope.heads import HeadIndex
+
+    config = _unet_config(model)
+    index = HeadIndex.from_config(config) if config is not None else HeadIndex.from_unet(_load(model, "cpu", None).unet)
+    if as_json:
+        click.echo(json.dumps({"fingerprint": index.fingerprint(), "latent": list(index.latent_hw),
+                               "layers": index.layout()}, indent=2))
+        return
+    click.echo(heads_table(index))
+
+
+def heads_table(index) -> str:
+    """The head index as a fixed-width text table."""
+    height, width = index.latent_hw
+    lines = [f"{index.n_layers} cross-attention layers, {index.n_heads} heads, latent {height}×{width}, "
+             f"fingerprint {index.fingerprint()}"]
+    name_width = max(len(layer.name) for layer in index.layers)
+    header = (f"{'layer':>5}  {'name':<{name_width}}  {'block':<6}  {'level':>5}  {'resolution':>10}  "
+              f"{'heads':>5}  {'head_dim':>8}  flat ids")
+    lines += [header, "-" * len(header)]
+    for layer in index.layers:
+        block = "mid" if layer.block == "mid" else f"{layer.block} {layer.block_index}"
+        resolution = "×".join(map(str, layer.resolution))
+        ids = f"{layer.head_ids.start}-{layer.head_ids.stop - 1}"
+        lines.append(f"{layer.index:>5}  {layer.name:<{name_width}}  {block:<6}  {layer.level:>5}  {resolution:>10}  "
+                     f"{layer.heads:>5}  {layer.head_dim:>8}  {ids}")
+    return "\n".join(lines)
+
+
+# -- running a generation ----------------------------------------------------------------------
+
+def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_prompt, num_images, window,
+         out, device, dtype):
+    """Load, validate, generate, write everything into a staging folder, then move it into `out`."""
+    import torch
+
+    import headscope
+    from headscope.tokens import tokenize
+
+    from headscope.models import model_defaults
+
+    pipe = _load(model, device, dtype)
+    defaults = model_defaults(pipe)
+    steps = steps or int(defaults.get("num_inference_steps", DEFAULT_STEPS))
+    guidance = guidance if guidance is not None else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    tokenization = tokenize(pipe.tokenizer, prompt, _max_length(pipe))
+    if words is not None:
+        words = words or list(dict.fromkeys(word.lower() for word in tokenization.word_texts()))
+        for word in words:
+            tokenization.positions(word)
+    pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    call = dict(num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images, generator=generator)
+    if words is None:
+        images, tc = pipe(prompt, **call).images, None
+    else:
+        with headscope.trace(pipe, steps=window) as tc:
+            images = pipe(prompt, **call).images
+    summary = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+               "guidance": guidance, "num_images": num_images, "model": model or "embedded shapes model",
+               "device": str(pipe.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""), "window": window,
+               "files": []}
+    with staged_output(out) as stage:
+        summary["files"] += _write_images(stage, images)
+        if tc is not None:
+            summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
+                                "fingerprint": tc.index.fingerprint()}
+            summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids)
+            summary["files"] += files
+        summary["files"].append("summary.json")
+        _write_text(stage / "summary.json", json.dumps(summary, indent=2) + "\n")
+    click.echo(f"wrote {len(summary['files'])} files to {out}")
+
+
+def _write_images(stage: Path, images) -> list[str]:
+    names = ["image.png"] if len(images) == 1 else [f"image-{number}.png" for number in range(len(images))]
+    for name, image in zip(names, images):
+        image.save(stage / name)
+    return names
+
+
+def _write_maps(stage: Path, tc, images, words, prompt, head_grids):
+    """Word-map figures (per word, and a grid per image) + per-head grids; returns (stats, files)."""
+    from headscope import viz
+
+    stats, files = {word: [] for word in words}, []
+    (stage / "maps").mkdir()
+    for image_number, image in enumerate(images):
+        suffix = "" if len(images) == 1 else f"-{image_number}"
+        maps = {word: tc.word_map(word, image=image_number).cpu() for word in words}
+        for word, heat_map in maps.items():
+            stats[word].append(_map_stats(tc, word, image_number, heat_map))
+            files.append(_save(viz.overlay_figure(image, heat_map, word=word, prompt=prompt),
+                               stage, f"maps/word-{_slug(word)}{suffix}.png"))
+            if head_grids:
+                figure = viz.head_grid_figure(tc.head_maps(word, image=image_number), tc.index, word=word,
+                                              prompt=prompt)
+                files.append(_save(figure, stage, f"maps/heads-{_slug(word)}{suffix}.png"))
+        files.append(_save(viz.word_grid_figure(image, maps, prompt=prompt), stage, f"maps/words{suffix}.png"))
+    return stats, files
+
+
+def _map_stats(tc, word, image_number, heat_map) -> dict:
+    from headscope.daam import threshold
+
+    return {"image": image_number, "tokens": tc.tokenization(image_number).positions(word),
+            "max": round(float(heat_map.max()), 6), "mean": round(float(heat_map.mean()), 6),
+            "area_at_0.4": round(float(threshold(heat_map, 0.4).float().mean()), 6)}
+
+
+def _save(figure, stage: Path, relative: str) -> str:
+    from headscope.viz import save_figure
+
+    save_figure(figure, stage / relative)
+    return relative
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+@contextmanager
+def staged_output(out: Path):
+    """Yield a hidden staging folder next to `out`; on success move its files into `out`, else delete it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield stage
+        if not out.exists():
+            os.rename(stage, out)
+            return
+        for source in sorted(path for path in stage.rglob("*") if path.is_file()):
+            target = out / source.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _slug(word: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", word.lower()).strip("-") or "word"
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def _load(model, device, dtype):
+    from headscope.models import load_pipeline
+
+    pipe = load_pipeline(model, device, dtype)
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise HeadscopeError(f"{model or 'the embedded model'} is not a text-to-image UNet pipeline "
+                             "(no unet or tokenizer)")
+    return pipe
+
+
+def _max_length(pipe) -> int:
+    limit = pipe.tokenizer.model_max_length
+    positions = getattr(getattr(pipe.text_encoder, "config", None), "max_position_embeddings", None)
+    return min(limit, positions) if positions else limit
+
+
+def _unet_config(model) -> dict | None:
+    """The UNet config of a local pipeline folder (no weights loaded), or None for a hub id."""
+    from headscope.models import embedded_model_path
+
+    folder = embedded_model_path() if model is None else Path(model).expanduser()
+    if not folder.exists():
+        if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+            raise HeadscopeError(f"model folder {model} does not exist; pass an existing folder or a hub id")
+        return None
+    for candidate in (folder / "unet" / "config.json", folder / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise HeadscopeError(f"{candidate} is not valid JSON ({error})") from None
+    raise HeadscopeError(f"{folder} has no unet/config.json; pass a diffusers pipeline folder or a hub id")
+
+
+cli.add_command(shapes)
+
+
+def main() -> None:
+    cli(prog_name="headscope")
+
+
+if __name__ == "__main__":
+    main()

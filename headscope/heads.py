@@ -1,0 +1,261 @@
+"""HeadIndex: every cross-attention head of a diffusers UNet, in execution order.
+
+A UNet2DConditionModel runs its down blocks, then its mid block, then its up blocks. The index walks
+them in that order (`unet.attn_processors` iterates down -> up -> mid, which is not execution order)
+and keeps each `Attention` module with `attn.is_cross_attention`, whatever its name. Every head gets a
+flat id: `offset(layer) + head`, so SD 1.x has ids 0..127 and SDXL base 0..1299, the layout the
+HRV paper's arrays use.
+
+Nothing here hard-codes a layer list or a resolution: a layer's spatial size follows from its
+downsampling depth (`level`) and the latent size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator, NamedTuple
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+# The fields that define which heads exist and where; the fingerprint hashes these, not resolutions.
+_STRUCTURE_FIELDS = ("name", "block", "block_index", "level", "heads", "head_dim", "offset")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One cross-attention layer (an `Attention` module) of the UNet.
+
+    Attributes:
+        index: position in execution order, 0-based.
+        name: module name in the UNet, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2".
+        block: "down", "mid" or "up".
+        block_index: index in `unet.down_blocks` / `unet.up_blocks` (0 for the mid block).
+        level: downsampling depth: how many downsamplers ran before this layer (0 = full latent size).
+        heads: number of attention heads (`attn.heads`).
+        head_dim: channels per head.
+        offset: flat id of this layer's head 0.
+        resolution: (h, w) of the layer's query grid at the index's latent size.
+    """
+
+    index: int
+    name: str
+    block: str
+    block_index: int
+    level: int
+    heads: int
+    head_dim: int
+    offset: int
+    resolution: tuple[int, int]
+
+    @property
+    def head_ids(self) -> range:
+        """Flat ids of this layer's heads."""
+        return range(self.offset, self.offset + self.heads)
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. "down block 0 · attention 1 · 64×64" ("· sublayer t" when t > 0)."""
+        parts = self.name.split(".")
+        attention = parts[parts.index("attentions") + 1] if "attentions" in parts else "?"
+        sublayer = int(parts[parts.index("transformer_blocks") + 1]) if "transformer_blocks" in parts else 0
+        block = "mid block" if self.block == "mid" else f"{self.block} block {self.block_index}"
+        height, width = self.resolution
+        within = f"attention {attention}" + (f" · sublayer {sublayer}" if sublayer else "")
+        return f"{block} · {within} · {height}×{width}"
+
+
+class HeadRef(NamedTuple):
+    """One head: its flat id, its layer's execution index and its index inside the layer."""
+
+    id: int
+    layer: int
+    head: int
+
+
+def resolution_at(level: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial (h, w) after `level` stride-2 downsamplers applied to a latent of size `latent_hw`.
+
+    diffusers' Downsample2D (3x3 conv, stride 2, padding 1) maps a side n to ceil(n / 2); the up path
+    upsamples back to the skip connection's size, so the same formula holds there.
+    """
+    height, width = latent_hw
+    for _ in range(level):
+        height, width = -(-height // 2), -(-width // 2)
+    return height, width
+
+
+class HeadIndex:
+    """Every cross-attention head of a UNet, in execution order, at one latent size.
+
+    `len(index)` is the number of heads; iterating yields `HeadRef(id, layer, head)` for each head in
+    flat-id order; `index.layers` lists the `LayerInfo`s. Build it with `HeadIndex.from_unet(unet)`
+    or, without weights, `HeadIndex.from_config(unet_config_dict)`.
+    """
+
+    def __init__(self, layers: list[LayerInfo], latent_hw: tuple[int, int]):
+        self.layers: tuple[LayerInfo, ...] = tuple(layers)
+        self.latent_hw = tuple(latent_hw)
+        self._by_name = {layer.name: layer for layer in self.layers}
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_unet(cls, unet, latent_hw: tuple[int, int] | int | None = None) -> "HeadIndex":
+        """Index the cross-attention heads of a `UNet2DConditionModel` (any device, also `meta`).
+
+        Args:
+            unet: the UNet.
+            latent_hw: latent (h, w) or side for `resolution`; default `unet.config.sample_size`.
+        """
+        latent_hw = _latent_hw(latent_hw if latent_hw is not None else unet.config.sample_size)
+        layers, offset = [], 0
+        for block, block_index, level, prefix, module in _blocks_in_execution_order(unet):
+            for name, attn in _cross_attentions(module, prefix):
+                layers.append(LayerInfo(
+                    index=len(layers), name=name, block=block, block_index=block_index, level=level,
+                    heads=attn.heads, head_dim=_head_dim(attn), offset=offset,
+                    resolution=resolution_at(level, latent_hw)))
+                offset += attn.heads
+        if not layers:
+            raise HeadscopeError("this UNet has no cross-attention layers; headscope needs a "
+                                 "text-conditioned UNet2DConditionModel")
+        return cls(layers, latent_hw)
+
+    @classmethod
+    def from_config(cls, config: dict, latent_hw: tuple[int, int] | int | None = None) -> "HeadIndex":
+        """Index a UNet described by its config dict, built on the `meta` device (no weights, no memory)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(dict(config))
+        return cls.from_unet(unet, latent_hw)
+
+    def at_latent(self, latent_hw: tuple[int, int] | int) -> "HeadIndex":
+        """The same index with resolutions for another latent size (h, w)."""
+        latent_hw = _latent_hw(latent_hw)
+        layers = [replace(layer, resolution=resolution_at(layer.level, latent_hw)) for layer in self.layers]
+        return HeadIndex(layers, latent_hw)
+
+    def at_image(self, height: int, width: int, vae_scale_factor: int = 8) -> "HeadIndex":
+        """The same index with resolutions for an image of `height` x `width` pixels."""
+        if height % vae_scale_factor or width % vae_scale_factor:
+            raise HeadscopeError(f"image size {height}x{width} is not a multiple of the VAE scale "
+                                 f"factor {vae_scale_factor}")
+        return self.at_latent((height // vae_scale_factor, width // vae_scale_factor))
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        last = self.layers[-1]
+        return last.offset + last.heads
+
+    def __len__(self) -> int:
+        return self.n_heads
+
+    def __iter__(self) -> Iterator[HeadRef]:
+        for layer in self.layers:
+            for head in range(layer.heads):
+                yield HeadRef(layer.offset + head, layer.index, head)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, layer: int | str) -> LayerInfo:
+        return self.layer(layer)
+
+    def layer(self, layer: int | str) -> LayerInfo:
+        """A layer by execution index or by module name."""
+        if isinstance(layer, str):
+            if layer not in self._by_name:
+                raise HeadscopeError(f"no cross-attention layer named {layer!r}; "
+                                     f"names look like {self.layers[0].name!r}")
+            return self._by_name[layer]
+        if not 0 <= layer < self.n_layers:
+            raise HeadscopeError(f"layer {layer} out of range; this UNet has {self.n_layers} "
+                                 "cross-attention layers")
+        return self.layers[layer]
+
+    def flat(self, layer: int | str, head: int) -> int:
+        """Flat head id of `head` in `layer` (execution index or module name)."""
+        info = self.layer(layer)
+        if not 0 <= head < info.heads:
+            raise HeadscopeError(f"head {head} out of range; layer {info.name} has {info.heads} heads")
+        return info.offset + head
+
+    def unflat(self, head_id: int) -> tuple[int, int]:
+        """(layer execution index, head within layer) of a flat head id."""
+        if not 0 <= head_id < self.n_heads:
+            raise HeadscopeError(f"head id {head_id} out of range; this UNet has {self.n_heads} heads")
+        for layer in self.layers:
+            if head_id < layer.offset + layer.heads:
+                return layer.index, head_id - layer.offset
+        raise AssertionError("unreachable: offsets cover every head id")
+
+    # -- description --------------------------------------------------------------------------
+
+    def layout(self) -> list[dict]:
+        """JSON-able list, one dict per layer: the LayerInfo fields (resolution as [h, w])."""
+        return [{**asdict(layer), "resolution": list(layer.resolution)} for layer in self.layers]
+
+    def fingerprint(self) -> str:
+        """12 hex digits hashing the head layout (names, blocks, levels, heads, head dims, offsets).
+
+        Resolutions are left out: a file made at one image size applies at any other.
+        """
+        structure = [{field: entry[field] for field in _STRUCTURE_FIELDS} for entry in self.layout()]
+        text = json.dumps(structure, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return (f"HeadIndex({self.n_layers} layers, {self.n_heads} heads, latent {self.latent_hw}, "
+                f"fingerprint {self.fingerprint()})")
+
+
+def _latent_hw(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _head_dim(attn) -> int:
+    return attn.to_q.out_features // attn.heads
+
+
+def _blocks_in_execution_order(unet):
+    """Yield (block kind, block index, level, module-name prefix, block module) as the UNet runs them."""
+    level = 0
+    for block_index, block in enumerate(unet.down_blocks):
+        yield "down", block_index, level, f"down_blocks.{block_index}", block
+        if getattr(block, "downsamplers", None) is not None:
+            level += 1
+    if unet.mid_block is not None:
+        yield "mid", 0, level, "mid_block", unet.mid_block
+    for block_index, block in enumerate(unet.up_blocks):
+        yield "up", block_index, level, f"up_blocks.{block_index}", block
+        if getattr(block, "upsamplers", None) is not None:
+            level -= 1
+
+
+def _cross_attentions(block, prefix: str):
+    """Yield (module name, Attention) for the cross-attention modules of one block, in run order.
+
+    Registration order inside a block is run order: attentions[i] runs after resnets[i], and
+    inside a transformer, attn1 (self) runs before attn2 (cross).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    for name, module in block.named_modules(prefix=prefix):
+        if isinstance(module, Attention) and module.is_cross_attention:
+            if getattr(module, "added_kv_proj_dim", None) is not None:
+                raise HeadscopeError(f"{name} uses added key/value projections (UnCLIP-style "
+                                     "attention); headscope supports plain cross-attention only")
+            yield name, module

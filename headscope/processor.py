@@ -1,0 +1,311 @@
+"""The headscope attention processor and its hook protocol.
+
+One `HeadProcessor` sits on each cross-attention module. It computes attention exactly as diffusers'
+`AttnProcessor2_0` does (same ops, same order: outputs are bitwise identical while no hook edits
+anything) and lets hooks look and steer:
+
+Readers — `Hook.wants_probs(ctx)` returns True and `Hook.read(ctx, probs)` receives
+    probs `[rows, heads, query, key]` (float32, post-softmax, the batch rows named by `hook.rows`,
+    listed in `ctx.rows`). They are computed next to the fused attention only when some reader
+    asks, and only for the rows asked for.
+Writers, cheap — `Hook.value_factors(ctx)` returns factors `[batch or 1, heads, key]` (or None).
+    The processor multiplies each head's value vector of each key token by its factor inside fused
+    `F.scaled_dot_product_attention`: sum_k p[q,k] * (w[k] * v[k]) == sum_k (w[k] * p[q,k]) * v[k],
+    i.e. exactly scaling post-softmax maps (no renormalisation), without materialising them.
+    Factors of several hooks multiply.
+Writers, pixel-dependent — `Hook.edits_probs(ctx)` returns True and `Hook.edit_probs(ctx, probs)`
+    returns new probs `[batch, heads, query, key]`; then probabilities are materialised for this
+    call and the output is `edited_probs @ (factors * values)`.
+
+Readers see the weights the layer actually applied: after edits, times value factors.
+Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, denoising step,
+batch layout (which rows are conditional and which image they belong to), latent and query size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from headscope.heads import LayerInfo, resolution_at
+
+ROW_KINDS = ("cond", "uncond", "all")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which UNet batch row belongs to which image, and which rows are conditional.
+
+    diffusers' SD / SDXL pipelines with classifier-free guidance run `torch.cat([uncond, cond])`:
+    rows 0..n-1 are the unconditional (negative-prompt) rows of images 0..n-1 and rows n..2n-1 their
+    conditional rows. Without guidance all n rows are conditional. Images are prompt-major: image i
+    belongs to prompt i // images_per_prompt.
+    """
+
+    n_images: int
+    cfg: bool
+    images_per_prompt: int = 1
+
+    @property
+    def n_rows(self) -> int:
+        return 2 * self.n_images if self.cfg else self.n_images
+
+    def rows(self, kind: str) -> tuple[int, ...]:
+        """Batch rows of one kind ("cond", "uncond" or "all"), ordered by image."""
+        offset = self.n_images if self.cfg else 0
+        if kind == "cond":
+            return tuple(range(offset, offset + self.n_images))
+        if kind == "uncond":
+            return tuple(range(self.n_images)) if self.cfg else ()
+        return tuple(range(self.n_rows))
+
+    def kind(self, row: int) -> str:
+        """"cond" or "uncond"."""
+        return "uncond" if self.cfg and row < self.n_images else "cond"
+
+    def image(self, row: int) -> int:
+        """Index of the image a batch row belongs to."""
+        return row % self.n_images
+
+    def prompt_index(self, image: int) -> int:
+        return image // self.images_per_prompt
+
+
+@dataclass
+class RunState:
+    """What the trace knows about the current UNet forward; updated by a UNet forward pre-hook."""
+
+    call: int = -1
+    step: int = -1
+    n_steps: int | None = None
+    layout: BatchLayout | None = None
+    latent_hw: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a hook is told about one attention call.
+
+    Attributes:
+        layer: the layer (execution index, name, heads, level...).
+        call: index of the pipeline call within the trace.
+        step: denoising step (UNet forward) within the call, from 0.
+        n_steps: number of denoising steps of the call, when the pipeline says.
+        layout: batch row layout.
+        latent_hw: latent (h, w) of the UNet input.
+        query_hw: (h, w) of this layer's query grid; query index = y * w + x.
+        rows: batch rows covered by the tensor handed over with this context.
+    """
+
+    layer: LayerInfo
+    call: int
+    step: int
+    n_steps: int | None
+    layout: BatchLayout
+    latent_hw: tuple[int, int]
+    query_hw: tuple[int, int]
+    rows: tuple[int, ...]
+
+
+class Hook:
+    """Base class of readers and writers; override what you need (see the module docstring).
+
+    Attributes:
+        rows: which batch rows `read` receives: "cond" (default), "uncond" or "all".
+    """
+
+    rows: str = "cond"
+
+    def start_call(self, state: RunState) -> None:
+        """A new pipeline call begins (before its first UNet forward)."""
+
+    def wants_probs(self, ctx: HookContext) -> bool:
+        return False
+
+    def read(self, ctx: HookContext, probs: torch.Tensor) -> None:
+        """probs: [len(ctx.rows), heads, query, key], float32."""
+
+    def value_factors(self, ctx: HookContext) -> torch.Tensor | None:
+        """Per-head, per-key factors on post-softmax maps: [batch or 1, heads, key], or None."""
+        return None
+
+    def edits_probs(self, ctx: HookContext) -> bool:
+        return False
+
+    def edit_probs(self, ctx: HookContext, probs: torch.Tensor) -> torch.Tensor:
+        """probs: [batch, heads, query, key] float32 -> edited probs, same shape."""
+        return probs
+
+
+@dataclass
+class Hooks:
+    """The hooks of one trace, in order, and the run state they share with every processor."""
+
+    items: list[Hook] = field(default_factory=list)
+    state: RunState = field(default_factory=RunState)
+
+
+class HeadProcessor:
+    """Attention processor for one cross-attention layer: AttnProcessor2_0's maths plus hooks.
+
+    Its state is the layer it serves and the trace's `Hooks` (hook list + shared run state).
+    """
+
+    def __init__(self, layer: LayerInfo, hooks: Hooks):
+        self.layer = layer
+        self.hooks = hooks
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        grid_hw = None
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            grid_hw = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        query, key, value, attention_mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
+        batch_size, heads, n_query, head_dim = query.shape
+        ctx = self._context(grid_hw or self._query_hw(n_query), batch_size)
+
+        attended = self._attend(attn, query, key, value, attention_mask, ctx)  # [batch, heads, query, head_dim]
+        hidden_states = attended.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn, query, key, value, attention_mask, ctx: HookContext) -> torch.Tensor:
+        """Attention output [batch, heads, query, head_dim] with the hooks applied."""
+        hooks = self.hooks.items
+        factors = _combined_factors((hook.value_factors(ctx) for hook in hooks), value.device)  # [batch|1, heads, key]
+        if factors is not None:
+            value = value * factors.to(value.dtype)[..., None]
+        readers = [hook for hook in hooks if hook.wants_probs(ctx)]
+        editors = [hook for hook in hooks if hook.edits_probs(ctx)]
+        if editors:
+            probs = attention_probs(attn, query, key, attention_mask)  # [batch, heads, query, key]
+            for hook in editors:
+                probs = hook.edit_probs(ctx, probs)
+            attended = torch.matmul(probs.to(value.dtype), value)
+            applied = probs if factors is None else probs * factors[:, :, None, :]
+            _hand_out(readers, ctx, lambda rows: applied[list(rows)])
+            return attended
+        extra = {} if attn.scale_qk else {"scale": attn.scale}
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                  dropout_p=0.0, is_causal=False, **extra)
+        if readers:
+            _hand_out(readers, ctx, lambda rows: _probs_for_rows(attn, query, key, attention_mask, factors, rows))
+        return attended
+
+    def _context(self, query_hw: tuple[int, int], batch_size: int) -> HookContext:
+        state = self.hooks.state
+        layout = state.layout or BatchLayout(n_images=batch_size, cfg=False)
+        layer = self.layer if self.layer.resolution == query_hw else replace(self.layer, resolution=query_hw)
+        return HookContext(layer=layer, call=state.call, step=state.step, n_steps=state.n_steps,
+                           layout=layout, latent_hw=state.latent_hw or query_hw, query_hw=query_hw,
+                           rows=tuple(range(batch_size)))
+
+    def _query_hw(self, n_query: int) -> tuple[int, int]:
+        """(h, w) of a flattened query grid of `n_query` positions."""
+        latent_hw = self.hooks.state.latent_hw
+        if latent_hw is not None:
+            height, width = resolution_at(self.layer.level, latent_hw)
+            if height * width == n_query:
+                return height, width
+            factor = math.sqrt(latent_hw[0] * latent_hw[1] / n_query)
+            height, width = round(latent_hw[0] / factor), round(latent_hw[1] / factor)
+            if height * width == n_query:
+                return height, width
+        side = math.isqrt(n_query)
+        return (side, side) if side * side == n_query else (1, n_query)
+
+
+def attention_probs(attn, query: torch.Tensor, key: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(query key^T * attn.scale + mask) in float32.
+
+    query: [batch, heads, query, head_dim]; key: [batch, heads, key, head_dim];
+    attention_mask: additive float or boolean (True = keep), broadcastable to the scores.
+    Returns probs [batch, heads, query, key].
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+    return scores.softmax(dim=-1)
+
+
+def _project(attn, hidden_states, encoder_hidden_states, attention_mask):
+    """q, k, v [batch, heads, tokens, head_dim] and the SDPA-shaped mask, as AttnProcessor2_0 makes them."""
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    # [batch, tokens, heads * head_dim] -> [batch, heads, tokens, head_dim]
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, attention_mask
+
+
+def _combined_factors(factor_list, device: torch.device) -> torch.Tensor | None:
+    """Product of the writers' factors [batch|1, heads, key] in float32, or None when no writer returned any."""
+    combined = None
+    for factors in factor_list:
+        if factors is not None:
+            factors = factors.to(device=device, dtype=torch.float32)
+            combined = factors if combined is None else combined * factors
+    return combined
+
+
+def _pick_rows(tensor: torch.Tensor | None, rows: tuple[int, ...]) -> torch.Tensor | None:
+    if tensor is None or tensor.shape[0] == 1:
+        return tensor
+    return tensor[list(rows)]
+
+
+def _probs_for_rows(attn, query, key, attention_mask, factors, rows) -> torch.Tensor:
+    """Applied attention weights [len(rows), heads, query, key] for some batch rows only."""
+    probs = attention_probs(attn, query[list(rows)], key[list(rows)], _pick_rows(attention_mask, rows))
+    if factors is not None:
+        probs = probs * _pick_rows(factors, rows)[:, :, None, :]
+    return probs
+
+
+def _hand_out(readers: list[Hook], ctx: HookContext, probs_for) -> None:
+    """Compute probabilities once for the union of the rows the readers want; give each its rows."""
+    wanted = sorted({row for hook in readers for row in ctx.layout.rows(hook.rows)})
+    if not wanted:
+        return
+    probs = probs_for(tuple(wanted))  # [len(wanted), heads, query, key]
+    for hook in readers:
+        rows = ctx.layout.rows(hook.rows)
+        if rows:
+            picked = probs if list(rows) == wanted else probs[[wanted.index(row) for row in rows]]
+            hook.read(replace(ctx, rows=rows), picked)

@@ -1,0 +1,142 @@
+"""Figures: a word's map over its image, a grid of every word, a layer x head grid of per-head maps.
+
+Built on matplotlib's object-oriented API (`matplotlib.figure.Figure`, rendered by Agg), so nothing
+here changes the user's pyplot backend. `save_figure` writes atomically (temporary file, then
+`os.replace`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from headscope.daam import normalize
+
+HEAT_CMAP = "jet"
+HEAT_ALPHA = 0.45
+HEAT_LABEL = "attention to the word\n(normalised: 0 = least, 1 = most)"
+
+
+def overlay_figure(image, heat_map: torch.Tensor, *, word: str, prompt: str) -> Figure:
+    """One word's heat map [H, W] over its image, with a title and a colour bar."""
+    figure = Figure(figsize=(5.6, 5.0), layout="constrained")
+    axes = figure.add_subplot()
+    pixels = _as_pixels(image)
+    shown = _draw_overlay(axes, pixels, heat_map)
+    axes.set_title(f'DAAM heat map of "{word}"\n' + _wrap(f'prompt: "{prompt}"', 60), fontsize=10)
+    figure.colorbar(shown, ax=axes, shrink=0.8, label=HEAT_LABEL)
+    return figure
+
+
+def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str) -> Figure:
+    """The image, then one panel per word with its heat map [H, W] overlaid (each map normalised)."""
+    n_panels = 1 + len(word_maps)
+    columns = min(4, n_panels)
+    rows = -(-n_panels // columns)
+    figure = Figure(figsize=(2.8 * columns + 0.9, 2.8 * rows + 0.7), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False)
+    pixels = _as_pixels(image)
+    grid[0][0].imshow(pixels)
+    grid[0][0].set_title("generated image", fontsize=10)
+    shown = None
+    for panel, (word, heat_map) in enumerate(word_maps.items(), start=1):
+        axes = grid[panel // columns][panel % columns]
+        shown = _draw_overlay(axes, pixels, heat_map)
+        axes.set_title(f'"{word}"', fontsize=11)
+    for panel in range(n_panels, rows * columns):
+        grid[panel // columns][panel % columns].set_visible(False)
+    for axes in grid.flat:
+        axes.set_axis_off()
+    figure.suptitle(_wrap(f'Which pixels attend to each word — prompt: "{prompt}"', 90), fontsize=11)
+    if shown is not None:
+        figure.colorbar(shown, ax=grid.ravel().tolist(), shrink=0.6, label=HEAT_LABEL)
+    return figure
+
+
+def head_grid_figure(head_maps: torch.Tensor, index, *, word: str, prompt: str, layers=None) -> Figure:
+    """Per-head maps [n_heads, h, w] as a grid: one row per layer (execution order), one column per head.
+
+    All panels share one colour scale (mean attention probability), so strong and weak heads can be
+    compared at a glance. `layers` (execution indices) picks rows; default all.
+    """
+    chosen = [index.layers[layer] for layer in layers] if layers is not None else list(index.layers)
+    columns = max(layer.heads for layer in chosen)
+    maps = head_maps.detach().float().cpu()
+    vmax = max(float(maps[list(layer.head_ids)].max()) for layer in chosen) or 1.0
+    figure = Figure(figsize=(1.05 * columns + 3.6, 1.05 * len(chosen) + 1.3), layout="constrained")
+    # column 0 holds the layer labels, columns 1.. the heads
+    grid = figure.subplots(len(chosen), columns + 1, squeeze=False, width_ratios=[2.4] + [1] * columns)
+    shown, titled = None, set()
+    for row, layer in enumerate(chosen):
+        grid[row][0].set_axis_off()
+        grid[row][0].text(1.0, 0.5, f"layer {layer.index}\n{layer.label}", transform=grid[row][0].transAxes,
+                          fontsize=8, ha="right", va="center")
+        for head in range(columns):
+            axes = grid[row][head + 1]
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if head >= layer.heads:
+                axes.set_visible(False)
+                continue
+            shown = axes.imshow(maps[layer.offset + head].numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
+            axes.text(0.03, 0.97, f"#{layer.offset + head}", transform=axes.transAxes, fontsize=6,
+                      color="white", va="top")
+            if head not in titled:
+                titled.add(head)
+                axes.set_title(f"head {head}", fontsize=8)
+    figure.suptitle(_wrap(f'Per-head attention to "{word}" (rows: layers in execution order; '
+                          f'#n = flat head id) — prompt: "{prompt}"', 110), fontsize=10)
+    figure.colorbar(shown, ax=grid[:, 1:].ravel().tolist(), shrink=0.5, label="mean attention probability")
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write `figure` to `path` atomically (format from the suffix, e.g. .png)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            figure.savefig(stream, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _draw_overlay(axes, pixels: np.ndarray, heat_map: torch.Tensor):
+    """Image with the normalised map on top, resized to the image if needed; returns the heat artist."""
+    heat = normalize(heat_map.detach().float().cpu())
+    if tuple(heat.shape) != pixels.shape[:2]:
+        heat = F.interpolate(heat[None, None], size=pixels.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    axes.imshow(pixels)
+    shown = axes.imshow(heat.numpy(), cmap=HEAT_CMAP, alpha=HEAT_ALPHA, vmin=0.0, vmax=1.0)
+    axes.set_axis_off()
+    return shown
+
+
+def _as_pixels(image) -> np.ndarray:
+    """PIL image, HWC array or CHW tensor in [0, 1] -> float array [H, W, 3] in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()
+        return (image.permute(1, 2, 0) if image.shape[0] in (1, 3) else image).clamp(0, 1).numpy()
+    pixels = np.asarray(image)
+    return pixels.astype(np.float32) / 255.0 if pixels.dtype == np.uint8 else pixels
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
