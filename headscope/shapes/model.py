@@ -70,3 +70,19 @@ def build_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                          steps_offset=1, prediction_type="epsilon")
+
+
+def random_pipeline(cfg: ModelConfig = TINY, seed: int = 0):
+    """An untrained StableDiffusionPipeline of the shapes architecture, for smoke runs and tests."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from headscope.shapes.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    pipe = StableDiffusionPipeline(vae=build_vae(cfg), text_encoder=build_text_encoder(cfg, tokenizer),
+                                   tokenizer=tokenizer, unet=build_unet(cfg), scheduler=build_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

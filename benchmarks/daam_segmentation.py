@@ -1,0 +1,179 @@
+"""DAAM map quality on the shapes model: pointing game and mIoU against the annotator's object masks.
+
+For every evaluation prompt and seed the image is generated inside a trace, the annotator reads its
+objects back, and each word's DAAM map is compared with the mask of the object the word describes:
+  pointing game  the map's maximum lies inside that object's mask;
+  mIoU           the map thresholded at tau (DAAM: normalised >= tau) against the union of the masks
+                 of the objects the word names, averaged over images, for tau in {0.3, 0.4, 0.5}.
+Words are grouped by role: shape nouns, colour, size and position words. An image whose annotation
+lacks the described object is skipped (and counted). Chance levels are reported beside each score:
+the pointing game of a random pixel (mean mask area / image area) and the mIoU of a full-image mask.
+
+Usage:
+  python benchmarks/daam_segmentation.py                 # embedded model, 2 seeds
+  python benchmarks/daam_segmentation.py --tiny          # smoke run on a tiny random pipeline
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import headscope
+from headscope.daam import threshold
+from headscope.shapes.annotate import annotate
+from headscope.shapes.evaluate import eval_scenes
+from headscope.shapes.world import COLORS, PLURALS, POSITIONS, SIZES, Scene
+
+TAUS = (0.3, 0.4, 0.5)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def word_targets(scene: Scene, objects) -> list[tuple[str, str, int, list]]:
+    """(word, role, occurrence, detected objects it describes) for the prompt's content words."""
+    words = scene.caption.split()
+    seen: dict[str, int] = defaultdict(int)
+    targets = []
+    for position, word in enumerate(words):
+        occurrence = seen[word]
+        seen[word] += 1
+        owner = _owner(scene, words, position)
+        if owner is None:
+            continue
+        role = ("shape" if word in PLURALS or word in PLURALS.values() else "color" if word in COLORS
+                else "size" if word in SIZES else "position" if word in POSITIONS else None)
+        if role is None:
+            continue
+        if role == "shape" and word in COLORS and owner.shape != word:
+            role = "color"  # "orange"/"rose" used as a colour
+        matching = [o for o in objects if o.shape == owner.shape and o.color == owner.color] or \
+                   [o for o in objects if o.shape == owner.shape]
+        if scene.kind == "count":
+            matching = [o for o in objects if o.shape == owner.shape]
+        targets.append((word, role, occurrence, matching))
+    return targets
+
+
+def _owner(scene: Scene, words: list[str], position: int):
+    """The scene object a word belongs to: in a pair, words before 'and' describe the first object."""
+    if scene.kind != "pair":
+        return scene.objects[0]
+    split = words.index("and")
+    return scene.objects[0] if position < split else scene.objects[1] if position > split else None
+
+
+def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str):
+    records = []
+    jobs = [(scene, seed) for seed in seeds for scene in scenes]
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start: start + batch]
+        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
+        with headscope.trace(pipe) as tc:
+            images = pipe([s.caption for s, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=generators).images
+        for i, ((scene, seed), image) in enumerate(zip(chunk, images)):
+            objects = annotate(image)
+            for word, role, occurrence, matching in word_targets(scene, objects):
+                record = {"prompt": scene.caption, "seed": seed, "word": word, "role": role, "found": bool(matching)}
+                if matching:
+                    target = np.logical_or.reduce([o.mask for o in matching])
+                    heat = tc.word_map(word, occurrence=occurrence, image=i, upsample=upsample)
+                    peak = np.unravel_index(int(torch.argmax(heat)), heat.shape)
+                    record["pointing"] = bool(target[peak])
+                    record["chance_pointing"] = float(target.mean())
+                    for tau in TAUS:
+                        mask = threshold(heat, tau).numpy()
+                        record[f"iou@{tau}"] = float((mask & target).sum() / max(1, (mask | target).sum()))
+                    record["chance_iou"] = float(target.mean())
+                records.append(record)
+        print(f"  {min(start + batch, len(jobs))}/{len(jobs)} images", file=sys.stderr)
+    return records
+
+
+def summarize(records) -> dict:
+    table = {}
+    for role in ("shape", "color", "size", "position"):
+        rows = [r for r in records if r["role"] == role]
+        scored = [r for r in rows if r["found"]]
+        if not rows:
+            continue
+        entry = {"n_words": len(rows), "n_scored": len(scored)}
+        if scored:
+            entry["pointing"] = float(np.mean([r["pointing"] for r in scored]))
+            entry["chance_pointing"] = float(np.mean([r["chance_pointing"] for r in scored]))
+            for tau in TAUS:
+                entry[f"miou@{tau}"] = float(np.mean([r[f"iou@{tau}"] for r in scored]))
+            entry["chance_miou"] = float(np.mean([r["chance_iou"] for r in scored]))
+        table[role] = entry
+    return table
+
+
+def format_table(table: dict) -> str:
+    head = f"{'words':<10}{'scored':>8}{'pointing':>10}{'chance':>8}" + "".join(f"{'mIoU@' + str(t):>10}" for t in TAUS) \
+        + f"{'chance':>8}"
+    lines = [head]
+    for role, e in table.items():
+        if "pointing" not in e:
+            lines.append(f"{role:<10}{e['n_scored']:>8}   (no object found)")
+            continue
+        lines.append(f"{role:<10}{e['n_scored']:>8}{e['pointing']:>10.3f}{e['chance_pointing']:>8.3f}"
+                     + "".join(f"{e[f'miou@{t}']:>10.3f}" for t in TAUS) + f"{e['chance_miou']:>8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes model)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run on a tiny random pipeline")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--upsample", default="bicubic", choices=("bicubic", "box"))
+    parser.add_argument("--n-single", type=int, default=48)
+    parser.add_argument("--n-pair", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "daam_segmentation.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        from headscope.shapes.model import random_pipeline
+
+        pipe = random_pipeline()
+        model_name = "tiny random shapes-architecture pipeline"
+    else:
+        pipe = headscope.load_pipeline(args.model, device="cpu")
+        model_name = args.model or "embedded shapes model"
+    from headscope.models import model_defaults
+
+    guidance = args.guidance if args.guidance is not None else model_defaults(pipe).get("guidance_scale", 5.0)
+    scenes = [s for s in eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=0, n_polysemy=0)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
+    records = evaluate_maps(pipe, scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
+                            upsample=args.upsample)
+    table = summarize(records)
+    print(f"DAAM vs annotator masks — {model_name}, {len(scenes)} prompts x {len(seeds)} seeds, "
+          f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
+    print(format_table(table))
+    payload = {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
+               "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
+               "summary": table, "records": records}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
