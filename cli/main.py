@@ -19,7 +19,9 @@ import click
 
 from headscope import __version__
 from headscope.errors import HeadscopeError
+from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
+from headscope_cli.steer import SteeringPlan, plan_steering, steering_options
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
@@ -29,6 +31,11 @@ Examples:
   headscope generate "a red circle above a blue square" --seed 1 --daam
   headscope daam "a red circle above a blue square" --word circle --word square --out out/circle
   headscope heads --model path/to/sd-v1-5
+"""
+STEER_EXAMPLES = """\b
+  headscope generate "a large rose square in the center" --adjust rose=+color,-shape
+  headscope generate "a red circle and a blue square" --mitigate-neglect ae-hrv --subjects circle,square
+  headscope generate "a small green star" --strengthen green=color:1.5 --steer-steps 0:0.5
 """
 
 
@@ -114,14 +121,21 @@ def generation_options(command):
     return command
 
 
-@cli.command(epilog=EXAMPLES)
+@cli.command(epilog=EXAMPLES + STEER_EXAMPLES)
 @click.argument("prompt")
 @generation_options
 @click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
-def generate(prompt, with_daam, **options):
-    """Generate image(s) for PROMPT into --out (image.png, summary.json; maps/ with --daam)."""
+@steering_options
+def generate(prompt, with_daam, strengthen, adjust, hrv_file, steer_steps, neglect, subjects, **options):
+    """Generate image(s) for PROMPT into --out (image.png, summary.json; maps/ with --daam).
+
+    Steering by heads: --strengthen / --adjust scale a word's cross-attention maps head by head with
+    Head Relevance Vectors; --mitigate-neglect brings back objects the model leaves out.
+    """
     words = [] if with_daam else None
-    _run(prompt, words=words, head_grids=False, **options)
+    steer = dict(strengthen=strengthen, adjust=adjust, hrv_file=hrv_file, steer_steps=steer_steps, neglect=neglect,
+                 subjects=subjects)
+    _run(prompt, words=words, head_grids=False, steer=steer, **options)
 
 
 @cli.command(epilog=EXAMPLES)
@@ -170,11 +184,10 @@ def heads_table(index) -> str:
 # -- running a generation ----------------------------------------------------------------------
 
 def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_prompt, num_images, window,
-         out, device, dtype):
+         out, device, dtype, steer=None):
     """Load, validate, generate, write everything into a staging folder, then move it into `out`."""
     import torch
 
-    import headscope
     from headscope.tokens import tokenize
 
     from headscope.models import model_defaults
@@ -188,22 +201,22 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
         words = words or list(dict.fromkeys(word.lower() for word in tokenization.word_texts()))
         for word in words:
             tokenization.positions(word)
+    plan = plan_steering(pipe, prompt, **steer) if steer else SteeringPlan()
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
                 num_images_per_prompt=num_images, generator=generator)
-    if words is None:
-        images, tc = pipe(prompt, **call).images, None
-    else:
-        with headscope.trace(pipe, steps=window) as tc:
-            images = pipe(prompt, **call).images
+    with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
+        images = pipe(prompt, **call, **extra).images
     summary = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                "guidance": guidance, "num_images": num_images, "model": model or "embedded shapes model",
                "device": str(pipe.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""), "window": window,
                "files": []}
+    if plan.summary:
+        summary["steering"] = plan.summary
     with staged_output(out) as stage:
         summary["files"] += _write_images(stage, images)
-        if tc is not None:
+        if words is not None:
             summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
                                 "fingerprint": tc.index.fingerprint()}
             summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids)
@@ -322,6 +335,7 @@ def _unet_config(model) -> dict | None:
 
 
 cli.add_command(shapes)
+cli.add_command(hrv)
 
 
 def main() -> None:

@@ -3,6 +3,10 @@ from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.models import load_pipeline
 from headscope.trace import Trace, trace
+from headscope.steer import HeadScale, adjust, strengthen
+from headscope.editing import Editor, edit
+from headscope.neglect import AttendAndExcite
 
 __version__ = "0.1.0"
-__all__ = ["HeadIndex", "HeadscopeError", "Trace", "load_pipeline", "trace", "__version__"]
+__all__ = ["AttendAndExcite", "Editor", "HeadIndex", "HeadScale", "HeadscopeError", "Trace", "adjust", "edit",
+           "load_pipeline", "strengthen", "trace", "__version__"]

@@ -17,19 +17,33 @@ Writers, pixel-dependent — `Hook.edits_probs(ctx)` returns True and `Hook.edit
     returns new probs `[batch, heads, query, key]`; then probabilities are materialised for this
     call and the output is `edited_probs @ (factors * values)`.
 
+Query readers — `Hook.wants_query(ctx)` returns True and `Hook.read_query(ctx, query)` receives the
+    layer's projected queries `[rows, heads, query, head_dim]` (the rows named by `hook.rows`, after
+    `attn.norm_q`, the dtype the layer computes in), before attention. Cheap: nothing is computed for
+    them; HRV concept votes score their own keys against these queries.
+
 Readers see the weights the layer actually applied: after edits, times value factors.
 Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, denoising step,
-batch layout (which rows are conditional and which image they belong to), latent and query size.
+batch layout (which rows are conditional and which image they belong to), latent, query and key size.
+
+Self-attention (opt-in) — self-attention modules keep diffusers' processor unless a caller installs
+`SelfAttentionProcessor`s with `self_attention_processors(unet, hooks)` (prompt-to-prompt editing
+does). Their hooks are the same `Hooks`; `Hook.self_attention(ctx, query, key)` sees the layer's
+queries and keys `[batch, heads, tokens, head_dim]` and may return replacements: the layer then
+attends with softmax(q' k'^T) over its own values, in fused SDPA (no map materialised). Readers and
+writers of cross-attention are never called from self-attention layers.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from headscope.heads import LayerInfo, resolution_at
+from headscope.errors import HeadscopeError
+from headscope.heads import LayerInfo, _blocks_in_execution_order, _head_dim, resolution_at
 
 ROW_KINDS = ("cond", "uncond", "all")
 
@@ -97,6 +111,7 @@ class HookContext:
         latent_hw: latent (h, w) of the UNet input.
         query_hw: (h, w) of this layer's query grid; query index = y * w + x.
         rows: batch rows covered by the tensor handed over with this context.
+        n_keys: number of key tokens (text tokens for cross-attention), when known.
     """
 
     layer: LayerInfo
@@ -107,6 +122,7 @@ class HookContext:
     latent_hw: tuple[int, int]
     query_hw: tuple[int, int]
     rows: tuple[int, ...]
+    n_keys: int | None = None
 
 
 class Hook:
@@ -127,6 +143,12 @@ class Hook:
     def read(self, ctx: HookContext, probs: torch.Tensor) -> None:
         """probs: [len(ctx.rows), heads, query, key], float32."""
 
+    def wants_query(self, ctx: HookContext) -> bool:
+        return False
+
+    def read_query(self, ctx: HookContext, query: torch.Tensor) -> None:
+        """query: [len(ctx.rows), heads, n_query, head_dim], the layer's projected queries."""
+
     def value_factors(self, ctx: HookContext) -> torch.Tensor | None:
         """Per-head, per-key factors on post-softmax maps: [batch or 1, heads, key], or None."""
         return None
@@ -137,6 +159,11 @@ class Hook:
     def edit_probs(self, ctx: HookContext, probs: torch.Tensor) -> torch.Tensor:
         """probs: [batch, heads, query, key] float32 -> edited probs, same shape."""
         return probs
+
+    def self_attention(self, ctx: HookContext, query: torch.Tensor,
+                       key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Self-attention layers only: query, key [batch, heads, tokens, head_dim] -> replacements or None."""
+        return None
 
 
 @dataclass
@@ -152,6 +179,8 @@ class HeadProcessor:
 
     Its state is the layer it serves and the trace's `Hooks` (hook list + shared run state).
     """
+
+    is_cross = True  # cross-attention readers and writers are called; False on SelfAttentionProcessor
 
     def __init__(self, layer: LayerInfo, hooks: Hooks):
         self.layer = layer
@@ -170,7 +199,9 @@ class HeadProcessor:
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         query, key, value, attention_mask = _project(attn, hidden_states, encoder_hidden_states, attention_mask)
         batch_size, heads, n_query, head_dim = query.shape
-        ctx = self._context(grid_hw or self._query_hw(n_query), batch_size)
+        ctx = self._context(grid_hw or self._query_hw(n_query), batch_size, key.shape[2])
+        if self.is_cross:
+            _hand_out_queries(self.hooks.items, ctx, query)
 
         attended = self._attend(attn, query, key, value, attention_mask, ctx)  # [batch, heads, query, head_dim]
         hidden_states = attended.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
@@ -206,13 +237,13 @@ class HeadProcessor:
             _hand_out(readers, ctx, lambda rows: _probs_for_rows(attn, query, key, attention_mask, factors, rows))
         return attended
 
-    def _context(self, query_hw: tuple[int, int], batch_size: int) -> HookContext:
+    def _context(self, query_hw: tuple[int, int], batch_size: int, n_keys: int | None = None) -> HookContext:
         state = self.hooks.state
         layout = state.layout or BatchLayout(n_images=batch_size, cfg=False)
         layer = self.layer if self.layer.resolution == query_hw else replace(self.layer, resolution=query_hw)
         return HookContext(layer=layer, call=state.call, step=state.step, n_steps=state.n_steps,
                            layout=layout, latent_hw=state.latent_hw or query_hw, query_hw=query_hw,
-                           rows=tuple(range(batch_size)))
+                           rows=tuple(range(batch_size)), n_keys=n_keys)
 
     def _query_hw(self, n_query: int) -> tuple[int, int]:
         """(h, w) of a flattened query grid of `n_query` positions."""
@@ -227,6 +258,77 @@ class HeadProcessor:
                 return height, width
         side = math.isqrt(n_query)
         return (side, side) if side * side == n_query else (1, n_query)
+
+
+class SelfAttentionProcessor(HeadProcessor):
+    """Processor for one self-attention layer: AttnProcessor2_0's maths; hooks may swap queries and keys.
+
+    `layer` describes the self-attention module (its own execution index and flat head ids, see
+    `self_attention_layers`). Only `Hook.self_attention` is called here.
+    """
+
+    is_cross = False
+
+    def _attend(self, attn, query, key, value, attention_mask, ctx: HookContext) -> torch.Tensor:
+        for hook in self.hooks.items:
+            replaced = hook.self_attention(ctx, query, key)
+            if replaced is not None:
+                query, key = replaced
+        extra = {} if attn.scale_qk else {"scale": attn.scale}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                              dropout_p=0.0, is_causal=False, **extra)
+
+
+def self_attention_layers(unet, latent_hw: tuple[int, int] | None = None) -> list[LayerInfo]:
+    """Every self-attention module of a UNet's transformer blocks, in execution order, as `LayerInfo`s.
+
+    Indices and flat head ids count self-attention layers only; `latent_hw` (default
+    `unet.config.sample_size`) sets the resolutions.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    size = latent_hw if latent_hw is not None else unet.config.sample_size
+    latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+    layers, offset = [], 0
+    for block, block_index, level, prefix, module in _blocks_in_execution_order(unet):
+        for name, attn in module.named_modules(prefix=prefix):
+            if isinstance(attn, Attention) and not attn.is_cross_attention:
+                layers.append(LayerInfo(index=len(layers), name=name, block=block, block_index=block_index,
+                                        level=level, heads=attn.heads, head_dim=_head_dim(attn), offset=offset,
+                                        resolution=resolution_at(level, latent_hw)))
+                offset += attn.heads
+    return layers
+
+
+# Processors whose maths SelfAttentionProcessor reproduces; anything else is left alone with an error.
+_PLAIN_SELF_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"}
+
+
+@contextmanager
+def self_attention_processors(unet, hooks: Hooks, latent_hw: tuple[int, int] | None = None):
+    """Install a `SelfAttentionProcessor` sharing `hooks` on every self-attention layer; restore on exit.
+
+    Use it inside a `trace` (pass `tc.hooks`) so that cross- and self-attention hooks share one list
+    and one run state. Yields the self-attention `LayerInfo`s. Only the self-attention processors
+    are restored on exit; whatever the trace installed stays until the trace exits.
+    """
+    layers = self_attention_layers(unet, latent_hw)
+    originals = dict(unet.attn_processors)
+    processors = dict(originals)
+    for layer in layers:
+        current = originals[f"{layer.name}.processor"]
+        if type(current).__name__ not in _PLAIN_SELF_PROCESSORS:
+            raise HeadscopeError(f"{layer.name} uses {type(current).__name__}, which does more than plain "
+                                 "attention; self-attention injection needs diffusers' standard processors")
+        processors[f"{layer.name}.processor"] = SelfAttentionProcessor(layer, hooks)
+    unet.set_attn_processor(processors)
+    try:
+        yield layers
+    finally:
+        restored = dict(unet.attn_processors)
+        for layer in layers:
+            restored[f"{layer.name}.processor"] = originals[f"{layer.name}.processor"]
+        unet.set_attn_processor(restored)
 
 
 def attention_probs(attn, query: torch.Tensor, key: torch.Tensor,
@@ -309,3 +411,12 @@ def _hand_out(readers: list[Hook], ctx: HookContext, probs_for) -> None:
         if rows:
             picked = probs if list(rows) == wanted else probs[[wanted.index(row) for row in rows]]
             hook.read(replace(ctx, rows=rows), picked)
+
+
+def _hand_out_queries(hooks: list[Hook], ctx: HookContext, query: torch.Tensor) -> None:
+    """Give each query reader the queries [rows, heads, query, head_dim] of the rows it asked for."""
+    for hook in hooks:
+        if hook.wants_query(ctx):
+            rows = ctx.layout.rows(hook.rows)
+            if rows:
+                hook.read_query(replace(ctx, rows=rows), query[list(rows)])

@@ -169,3 +169,58 @@ def generate(pipe, prompt, *, seed: int = 0, steps: int = 2, **options) -> torch
     """Run the pipeline with a fixed seed; images as a float tensor [n, 3, H, W]."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pt", **options).images
+
+
+SHAPES_CONCEPTS = {"color": ["red", "blue", "green"], "shape": ["circle", "square"], "size": ["big", "small"]}
+
+
+def random_hrv(pipe, concepts: dict | None = None, *, seed: int = 0):
+    """An HRV with random rows (mean 1, values in (0, 3)) for `pipe`'s head layout, for tests and --tiny runs.
+
+    `concepts` maps concept names to their words (stored as the HRV's concept set); default
+    SHAPES_CONCEPTS, whose words the tiny tokenizer knows.
+    """
+    from headscope.heads import HeadIndex
+    from headscope.hrv import HRV, head_meta
+
+    concepts = dict(concepts or SHAPES_CONCEPTS)
+    index = HeadIndex.from_unet(pipe.unet)
+    generator = torch.Generator().manual_seed(seed)
+    vectors = 0.05 + torch.rand(len(concepts), index.n_heads, generator=generator)
+    vectors = vectors / vectors.mean(dim=1, keepdim=True)  # [concepts, heads], each row mean 1
+    meta = {**head_meta(index), "concepts": {"name": "test", "concepts": concepts}, "model": {"name_or_path": "tiny"}}
+    return HRV(concepts=list(concepts), vectors=vectors, step_votes=None, meta=meta)
+
+
+def build_tiny_clip(folder: str | Path, tokenizer) -> Path:
+    """A random-weight CLIPModel (16x16 images) with `tokenizer` and an image processor, saved to `folder`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": MAX_TOKENS, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 16, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_shapes():
+    """The embedded model's architecture at its TINY size, random weights, with the shapes-world
+    word-level tokenizer: every shapes caption fits, and the annotator can score its (noise) images."""
+    from diffusers import StableDiffusionPipeline
+
+    from headscope.shapes.model import TINY, build_scheduler, build_text_encoder, build_unet, build_vae
+    from headscope.shapes.tokenizer import build_tokenizer as build_shapes_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_shapes_tokenizer()
+    pipe = StableDiffusionPipeline(vae=build_vae(TINY), text_encoder=build_text_encoder(TINY, tokenizer),
+                                   tokenizer=tokenizer, unet=build_unet(TINY), scheduler=build_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")

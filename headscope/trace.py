@@ -34,7 +34,7 @@ from headscope.steps import StepWindow
 from headscope.tokens import Tokenization, tokenize
 
 
-def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hooks=()) -> "Trace":
+def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hooks=(), maps: bool = True) -> "Trace":
     """A context manager that records the cross-attention heads of `pipe` during `pipe(...)` calls.
 
     Args:
@@ -45,16 +45,18 @@ def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hoo
         rows: rows the built-in heat-map reader records: "cond" (prompt rows, default), "uncond"
             (negative / empty-prompt rows) or "all".
         hooks: extra readers and writers (`headscope.processor.Hook`), run after the built-in reader.
+        maps: run the built-in heat-map reader (DAAM maps). False leaves it out, so only `hooks` run and
+            no attention probabilities are computed unless a hook asks; word maps are then unavailable.
 
     Results describe the latest pipeline call made inside the `with` block and stay readable after it.
     """
-    return Trace(pipe, keep_steps=keep_steps, steps=steps, rows=rows, hooks=hooks)
+    return Trace(pipe, keep_steps=keep_steps, steps=steps, rows=rows, hooks=hooks, maps=maps)
 
 
 class Trace:
     """The object `trace()` returns: install on enter, restore on exit, read maps afterwards."""
 
-    def __init__(self, pipe, *, keep_steps=False, steps=None, rows="cond", hooks=()):
+    def __init__(self, pipe, *, keep_steps=False, steps=None, rows="cond", hooks=(), maps=True):
         if rows not in ROW_KINDS:
             raise HeadscopeError(f"rows={rows!r}; use one of {', '.join(ROW_KINDS)}")
         for hook in hooks:
@@ -65,7 +67,8 @@ class Trace:
         self.pipe = pipe
         self.index = HeadIndex.from_unet(pipe.unet)
         self.reducer = daam.HeatMapReducer(rows=rows, window=StepWindow.parse(steps), keep_steps=keep_steps)
-        self.hooks = Hooks([self.reducer, *hooks])
+        self.maps = maps
+        self.hooks = Hooks([self.reducer, *hooks] if maps else list(hooks))
         self.prompts: list[str] | None = None
         self.negative_prompts: list[str] | None = None
         self.images_per_prompt = 1
@@ -274,15 +277,22 @@ class Trace:
 
     def word_map(self, word: str, **options) -> torch.Tensor:
         """DAAM heat map [H, W] of `word`; see `headscope.daam.word_map` for the options."""
+        self._require_maps()
         return daam.word_map(self, word, **options)
 
     def head_maps(self, word: str, **options) -> torch.Tensor:
         """Per-head maps [n_heads, h, w] of `word`; see `headscope.daam.head_maps`."""
+        self._require_maps()
         return daam.head_maps(self, word, **options)
 
     def token_maps(self, **options) -> torch.Tensor:
         """Heat maps [n_tokens, H, W] of every prompt token; see `headscope.daam.token_maps`."""
+        self._require_maps()
         return daam.token_maps(self, **options)
+
+    def _require_maps(self) -> None:
+        if not self.maps:
+            raise HeadscopeError("this trace was opened with maps=False and recorded no heat maps")
 
     def _require_run(self) -> BatchLayout:
         layout = self.hooks.state.layout

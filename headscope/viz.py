@@ -140,3 +140,71 @@ def _as_pixels(image) -> np.ndarray:
 
 def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def hrv_heatmap_figure(hrv, concept: str, *, top: int = 0) -> Figure:
+    """One concept's HRV as a layers x heads grid (rows: layers in execution order); top-k heads outlined."""
+    index = hrv.index
+    vector = hrv.vector(concept).numpy()
+    columns = max(layer.heads for layer in index.layers)
+    grid = np.full((index.n_layers, columns), np.nan)
+    for layer in index.layers:
+        grid[layer.index, :layer.heads] = vector[layer.offset:layer.offset + layer.heads]
+    height = max(3.0, 0.22 * index.n_layers + 1.6)
+    figure = Figure(figsize=(min(14.0, 0.42 * columns + 5.2), height), layout="constrained")
+    axes = figure.add_subplot()
+    shown = axes.imshow(grid, cmap="viridis", aspect="auto", vmin=0.0, interpolation="nearest")
+    axes.set_yticks(range(index.n_layers))
+    axes.set_yticklabels([f"{layer.index}: {layer.label}" for layer in index.layers],
+                         fontsize=max(4, min(8, int(400 / index.n_layers))))
+    axes.set_xticks(range(columns))
+    axes.set_xticklabels([str(head) for head in range(columns)], fontsize=7)
+    axes.set_xlabel("head within layer")
+    axes.set_ylabel("cross-attention layer (execution order)")
+    for head_id in hrv.top_heads(concept, min(top, hrv.n_heads)).tolist():
+        layer, head = index.unflat(head_id)
+        axes.add_patch(_outline(head, layer))
+    if index.n_heads <= 160:
+        for layer in index.layers:
+            for head in range(layer.heads):
+                value = grid[layer.index, head]
+                axes.text(head, layer.index, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                          color="white" if value < np.nanmax(grid) * 0.6 else "black")
+    name = hrv.concept(concept)
+    subtitle = f"{hrv.n_heads} heads; mean 1 per concept; higher = more relevant"
+    if top:
+        subtitle += f"; red boxes: top {top}"
+    axes.set_title(f'Head relevance to "{name}"\n{subtitle}', fontsize=10)
+    figure.colorbar(shown, ax=axes, shrink=0.8, label="relevance (share of votes x number of heads)")
+    return figure
+
+
+def hrv_similarity_figure(hrv) -> Figure:
+    """Cosine similarity between the concepts' HRVs: [concepts, concepts] matrix with labels."""
+    similarity = hrv.similarity().numpy()
+    n_concepts = len(hrv.concepts)
+    side = max(4.5, 0.32 * n_concepts + 3.0)
+    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    axes = figure.add_subplot()
+    shown = axes.imshow(similarity, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fontsize = max(5, min(9, int(300 / n_concepts)))
+    axes.set_xticks(range(n_concepts))
+    axes.set_xticklabels(hrv.concepts, rotation=60, ha="right", fontsize=fontsize)
+    axes.set_yticks(range(n_concepts))
+    axes.set_yticklabels(hrv.concepts, fontsize=fontsize)
+    if n_concepts <= 12:
+        for row in range(n_concepts):
+            for column in range(n_concepts):
+                value = similarity[row, column]
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                          color="black" if value > 0.6 else "white")
+    axes.set_title("How alike are the concepts' head relevance vectors?\n"
+                   "cosine similarity of HRV rows (1 = same heads, 0 = disjoint heads)", fontsize=10)
+    figure.colorbar(shown, ax=axes, shrink=0.8, label="cosine similarity")
+    return figure
+
+
+def _outline(head: int, layer: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6)

@@ -1,0 +1,134 @@
+"""Ordered weakening on the shapes world, for every concept: do the HRV's heads carry their concept?
+
+    python benchmarks/weakening.py --tiny                  # smoke run: tiny random pipeline, HRV built on the spot
+    python benchmarks/weakening.py                         # the embedded model with its shipped HRV
+    python benchmarks/weakening.py --hrv FILE --n-prompts 48 --seeds 0,1,2
+
+For each scorable concept c of the HRV (color, shape, size, position, fill, count), one-object scenes
+whose captions name every attribute are generated with no head weakened, with the top quarter of heads
+by relevance to c weakened (MoRHF), with the bottom quarter weakened (LeRHF) and with a random quarter.
+Reported per concept: the annotator's accuracy on c without weakening, its drop under each order, and
+the mean drop of the other concepts under MoRHF (specificity: a good HRV hits c harder than the rest).
+Printed as a table and written atomically to benchmarks/results/weakening.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "weakening.json"
+ORDERS = ("morhf", "lerhf", "random")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from headscope.weaken import SHAPES_METRICS, OrderedWeakening, weakening_scenes
+
+    pipe, hrv, model = setup(args)
+    scenes = weakening_scenes(args.n_prompts, seed=args.seed)
+    quarter = hrv.n_heads // 4
+    rows = []
+    for concept in [name for name in hrv.concepts if name.lower() in SHAPES_METRICS]:
+        sweep = OrderedWeakening(concept, hrv, ks=[0, quarter], factor=args.factor, orders=ORDERS,
+                                 seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+                                 batch_size=args.batch_size, progress=True).fit(pipe, scenes)
+        rows.append(concept_row(concept, sweep.summary_, quarter))
+    result = {"model": model, "hrv": (hrv.meta.get("model") or {}).get("name_or_path"), "device": str(pipe.device),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "n_heads": hrv.n_heads, "k": quarter, "factor": args.factor, "n_prompts": len(scenes),
+              "seeds": args.seeds, "steps": args.steps, "rows": rows}
+    print(table(result))
+    write_json(result, Path(args.out))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random pipeline; builds a throwaway HRV")
+    parser.add_argument("--hrv", default=None, help="HRV file (default: the embedded model's shipped HRV)")
+    parser.add_argument("--n-prompts", type=int, default=24)
+    parser.add_argument("--seeds", default="0,1", type=lambda text: [int(part) for part in text.split(",")])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the random order")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--factor", type=float, default=-2.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(RESULTS))
+    return parser.parse_args(argv)
+
+
+def setup(args):
+    from headscope.hrv import HRV
+
+    if args.tiny:
+        from headscope.concepts import ConceptSet
+        from headscope.hrv import HRVBuilder
+        from headscope.shapes.world import SceneSampler
+        from headscope.testing import build_tiny_shapes
+
+        pipe = build_tiny_shapes()
+        sampler = SceneSampler(seed=1)
+        prompts = [sampler.sample().caption for _ in range(8)]
+        hrv = HRVBuilder(ConceptSet.load("shapes"), steps=args.steps or 5).fit(pipe, prompts).hrv_
+        return pipe, hrv, "tiny random pipeline (headscope.testing.build_tiny_shapes)"
+    from headscope import load_pipeline
+
+    pipe = load_pipeline(None, args.device)
+    hrv = HRV.load(args.hrv) if args.hrv else HRV.for_pipeline(pipe)
+    hrv.check_compatible(pipe)
+    return pipe, hrv, "embedded shapes model"
+
+
+def concept_row(concept: str, summary: list[dict], quarter: int) -> dict:
+    """Accuracy of the weakened concept at k=0 and its drops; the other concepts' mean drop per order."""
+    mean = {(row["order"], row["k"], row["concept"]): row["mean"] for row in summary}
+    others = sorted({row["concept"] for row in summary if row["role"] == "control"})
+
+    def drop(order, name):
+        return mean[("morhf", 0, name)] - mean[(order, quarter, name)]
+
+    row = {"concept": concept, "accuracy": mean[("morhf", 0, concept)]}
+    for order in ORDERS:
+        row[f"drop_{order}"] = drop(order, concept)
+        row[f"others_drop_{order}"] = sum(drop(order, name) for name in others) / len(others) if others else None
+    return row
+
+
+def table(result: dict) -> str:
+    header = (f"{'concept':<10}{'accuracy':>9}{'MoRHF drop':>12}{'LeRHF drop':>12}{'random drop':>13}"
+              f"{'others, MoRHF':>15}{'others, LeRHF':>15}")
+    lines = [f"ordered weakening, k = {result['k']} of {result['n_heads']} heads (a quarter), factor {result['factor']}, "
+             f"{result['n_prompts']} prompts x {len(result['seeds'])} seeds — {result['model']}", header]
+
+    def cell(value, width):
+        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+    for row in result["rows"]:
+        lines.append(f"{row['concept']:<10}{cell(row['accuracy'], 9)}{cell(row['drop_morhf'], 12)}"
+                     f"{cell(row['drop_lerhf'], 12)}{cell(row['drop_random'], 13)}"
+                     f"{cell(row['others_drop_morhf'], 15)}{cell(row['others_drop_lerhf'], 15)}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(result, stream, indent=2)
+        stream.write("\n")
+    os.replace(temporary, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
