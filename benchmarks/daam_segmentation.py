@@ -16,8 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +26,7 @@ import torch
 
 import headscope
 from headscope.daam import threshold
+from headscope.io import write_json
 from headscope.shapes.annotate import annotate
 from headscope.shapes.evaluate import eval_scenes
 from headscope.shapes.world import COLORS, PLURALS, POSITIONS, SIZES, Scene
@@ -167,11 +166,7 @@ def main(argv=None) -> int:
     payload = {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
                "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
                "summary": table, "records": records}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, payload, indent=1)}", file=sys.stderr)
     return 0
 
 

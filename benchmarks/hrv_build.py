@@ -13,16 +13,15 @@ benchmarks/results/hrv_build.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hrv_build.json"
 ARMS = ("plain", "traced", "probe")
@@ -40,7 +39,7 @@ def main(argv=None) -> None:
               "n_concepts": len(concept_set), "n_words": sum(len(words) for words in concept_set.concepts.values()),
               "steps": args.steps, "batch_size": args.batch_size, **throughput, **overhead}
     print(table(result))
-    write_json(result, Path(args.out))
+    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
 def parse_args(argv):
@@ -142,16 +141,6 @@ def table(result: dict) -> str:
             ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(result, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import warnings
-import json
-import os
 import platform
 import random
 import statistics
@@ -39,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steering.json"
 TASKS = ("overhead", "polysemy", "neglect", "editing", "strengthening")
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         result["tasks"][task] = RUNNERS[task](context)
         result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - started, 2)
     print(table(result))
-    write_json(result, Path(args.out))
+    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
 def parse_args(argv):
@@ -394,13 +394,6 @@ def _show(value) -> str:
     if value is None:
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace_overhead.json"
 PROMPT = "a red circle and a blue square"
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
               "steps": args.steps, "repeats": args.repeats, "size": list(image_size(pipe, args)),
               **timing, "memory": memory}
     print(table(result))
-    write_json(result, Path(args.out))
+    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
 def parse_args(argv):
@@ -179,14 +180,6 @@ def table(result: dict) -> str:
         lines.append(f"{name:<26}{probe['peak_growth_bytes'] / 2**20:>16.2f}"
                      f"{probe['trace_state_bytes'] / 2**20:>16.3f}")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, path)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

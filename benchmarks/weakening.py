@@ -14,14 +14,13 @@ Printed as a table and written atomically to benchmarks/results/weakening.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "weakening.json"
 ORDERS = ("morhf", "lerhf", "random")
@@ -47,7 +46,7 @@ def main(argv=None) -> None:
               "n_heads": hrv.n_heads, "k": quarter, "factor": args.factor, "n_prompts": len(scenes),
               "seeds": args.seeds, "steps": args.steps, "rows": rows}
     print(table(result))
-    write_json(result, Path(args.out))
+    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
 def parse_args(argv):
@@ -118,16 +117,6 @@ def table(result: dict) -> str:
                      f"{cell(row['drop_lerhf'], 12)}{cell(row['drop_random'], 13)}"
                      f"{cell(row['others_drop_morhf'], 15)}{cell(row['others_drop_lerhf'], 15)}")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(result, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ a user's mistake ends as one line on stderr with exit code 2 and leaves no parti
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -252,16 +251,17 @@ def write_weakening(out: Path, sweep) -> None:
 
     from headscope import viz
     from headscope.weaken import curve_figure
-    from headscope_cli.main import _write_text, staged_output
+    from headscope.io import write_json, write_text
+    from headscope_cli.main import staged_output
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["order", "k", "concept", "role", "mean", "n"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(sweep.summary_)
     with staged_output(out) as stage:
-        _write_text(stage / "weakening.csv", buffer.getvalue())
+        write_text(stage / "weakening.csv", buffer.getvalue())
         payload = {"settings": sweep.settings_, "summary": sweep.summary_, "records": sweep.results_}
-        _write_text(stage / "weakening.json", json.dumps(payload, indent=1) + "\n")
+        write_json(stage / "weakening.json", payload, indent=1)
         viz.save_figure(curve_figure(sweep.summary_, sweep.settings_), stage / "weakening.png")
 
 

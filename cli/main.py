@@ -19,6 +19,7 @@ import click
 
 from headscope import __version__
 from headscope.errors import HeadscopeError
+from headscope.io import write_json
 from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
 from headscope_cli.steer import SteeringPlan, plan_steering, steering_options
@@ -222,7 +223,7 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
             summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids)
             summary["files"] += files
         summary["files"].append("summary.json")
-        _write_text(stage / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_json(stage / "summary.json", summary)
     click.echo(f"wrote {len(summary['files'])} files to {out}")
 
 
@@ -268,11 +269,6 @@ def _save(figure, stage: Path, relative: str) -> str:
     save_figure(figure, stage / relative)
     return relative
 
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 @contextmanager

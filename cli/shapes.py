@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+from headscope.io import write_json
 
 
 @click.group("shapes")
@@ -29,7 +24,6 @@ def render_cmd(count: int, seed: int, out: Path):
 
     Example: headscope shapes render --n 16 --out out/shapes
     """
-    import numpy as np
     from PIL import Image
 
     from headscope.shapes.world import SceneSampler, render
@@ -43,19 +37,19 @@ def render_cmd(count: int, seed: int, out: Path):
         Image.fromarray(image).save(out / f"scene-{i:03d}.png")
         scenes.append({"file": f"scene-{i:03d}.png", **scene.to_json()})
         tiles.append(image)
-    _write_json(out / "scenes.json", scenes)
+    write_json(out / "scenes.json", scenes)
     _contact_sheet(tiles, [s["caption"] for s in scenes], out / "sheet.png")
     click.echo(f"wrote {count} scenes to {out}/ (captions and ground truth in scenes.json)")
 
 
 def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from headscope.viz import save_figure
 
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * columns, 3.3 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
@@ -63,10 +57,7 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
         ax.set_title(caption, fontsize=8, wrap=True)
     fig.suptitle("shapes world: rendered scenes and their captions")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 @shapes.command("train")
@@ -136,5 +127,5 @@ def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysem
     click.echo(format_summary(result["summary"]))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(out, {"model": str(model or "embedded"), **result})
+        write_json(out, {"model": str(model or "embedded"), **result})
         click.echo(f"wrote {out}", err=True)

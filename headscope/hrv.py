@@ -43,6 +43,7 @@ import torch
 from headscope.concepts import ConceptSet
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex, LayerInfo
+from headscope.io import atomic_path, replace_folder, umask
 from headscope.processor import Hook, HookContext
 
 FORMAT = "headscope-hrv/1"
@@ -151,17 +152,11 @@ class HRV:
         header = {"format": FORMAT, "concepts": list(self.concepts), "meta": self.meta}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".hrv":
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(handle)
-            try:
-                save_file(tensors, temporary, metadata={"headscope": json.dumps(header)})
-                os.chmod(temporary, 0o666 & ~_umask())
-                os.replace(temporary, path)
-            finally:
-                Path(temporary).unlink(missing_ok=True)
+            with atomic_path(path) as temporary:
+                save_file(tensors, str(temporary), metadata={"headscope": json.dumps(header)})
             return path
         stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        os.chmod(stage, 0o777 & ~_umask())
+        os.chmod(stage, 0o777 & ~umask())
         try:
             save_file(tensors, str(stage / "hrv.safetensors"))
             (stage / "hrv.json").write_text(json.dumps(header, indent=1))
@@ -355,24 +350,11 @@ def _version() -> str:
     return __version__
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def _replace_folder(stage: Path, target: Path) -> None:
     """Move the finished folder `stage` to `target`, replacing an older one only once `stage` is complete."""
     if target.exists() and not target.is_dir():
         raise HeadscopeError(f"{target} exists and is not a folder; give a .hrv file name or another folder")
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(stage, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, target)
+    replace_folder(stage, target)
 
 
 # -- concept keys ----------------------------------------------------------------------------------
@@ -740,14 +722,8 @@ class _PartialStore:
             return
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.folder)
-        os.close(handle)
-        try:
-            state = {"settings": self.settings_hash, "done": sorted(done)}
-            save_file({"step_votes": reader.step_votes.contiguous()}, temporary,
+        state = {"settings": self.settings_hash, "done": sorted(done)}
+        with atomic_path(self.path) as temporary:
+            save_file({"step_votes": reader.step_votes.contiguous()}, str(temporary),
                       metadata={"state": json.dumps(state)})
-            os.replace(temporary, self.path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
 

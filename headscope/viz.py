@@ -6,8 +6,6 @@ here changes the user's pyplot backend. `save_figure` writes atomically (tempora
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from headscope.daam import normalize
+from headscope.io import atomic_path
 
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.45
@@ -99,23 +98,9 @@ def head_grid_figure(head_maps: torch.Tensor, index, *, word: str, prompt: str, 
 def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write `figure` to `path` atomically (format from the suffix, e.g. .png)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format=path.suffix.lstrip(".") or "png", dpi=dpi)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return path
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _draw_overlay(axes, pixels: np.ndarray, heat_map: torch.Tensor):

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from headscope.io import atomic_path, replace_folder, write_json
 from headscope.shapes.model import (ModelConfig, build_scheduler, build_text_encoder, build_unet, build_vae,
                                     latent_size)
 from headscope.shapes.tokenizer import build_tokenizer
@@ -60,20 +62,12 @@ class TrainConfig:
         return cls(**data)
 
 
-def _atomic_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """Weights as safetensors, trainer state (optimizer, step) as a weights-only torch file."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "weights.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path / "weights.safetensors")
-    torch.save(state, path / "state.pt.tmp")
-    os.replace(path / "state.pt.tmp", path / "state.pt")
+    with atomic_path(path / "weights.safetensors") as temporary:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary))
+    with atomic_path(path / "state.pt") as temporary:
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path):
@@ -164,9 +158,9 @@ def encode_dataset(run_dir: Path, cfg: TrainConfig, vae, *, progress: bool = Tru
     mean, std = torch.cat(means)[: cfg.n_scenes].contiguous(), torch.cat(stds)[: cfg.n_scenes].contiguous()
     scaling = 1.0 / float(mean.float().std())
     meta = {"captions": captions[: cfg.n_scenes], "scaling_factor": scaling}
-    _atomic_json(run_dir / "latents.json", meta)
-    save_file({"mean": mean, "std": std}, str(out) + ".tmp")
-    os.replace(str(out) + ".tmp", out)  # last: its presence marks the stage as done
+    write_json(run_dir / "latents.json", meta)
+    with atomic_path(out) as temporary:  # last: its presence marks the stage as done
+        save_file({"mean": mean, "std": std}, str(temporary))
     return meta
 
 
@@ -282,23 +276,12 @@ def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, tor
                                    scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(dtype=dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
-    _atomic_json(tmp / "headscope.json", {"kind": "shapes-world", "train_config": cfg.to_json(),
+    stage = out.with_name(f".{out.name}.stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    pipe.save_pretrained(stage)
+    write_json(stage / "headscope.json", {"kind": "shapes-world", "train_config": cfg.to_json(),
                                           "latent_size": latent_size(cfg.model), "image_size": cfg.model.image_size})
-    if out.exists():
-        import shutil
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return replace_folder(stage, out)
 
 
 def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool = True, on_export=None) -> Path:
@@ -309,7 +292,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool
     if saved.is_file():
         cfg = TrainConfig.from_json(json.loads(saved.read_text())) if cfg is None else cfg
     cfg = cfg or TrainConfig()
-    _atomic_json(saved, cfg.to_json())
+    write_json(saved, cfg.to_json())
     vae = train_vae(run_dir, cfg, progress=progress)
     meta = encode_dataset(run_dir, cfg, vae, progress=progress)
     train_unet(run_dir, cfg, vae, meta, progress=progress, on_export=on_export)
