@@ -224,7 +224,24 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
             summary["files"] += files
         summary["files"].append("summary.json")
         write_json(stage / "summary.json", summary)
-    click.echo(f"wrote {len(summary['files'])} files to {out}")
+    _report(out, summary["files"])
+
+
+def _report(out: Path, files: list[str]) -> None:
+    """Tell the user where the pictures are: images, the all-words grid, per-word overlays, summary."""
+    images = [f for f in files if f.startswith("image")]
+    grids = [f for f in files if f.startswith("maps/words")]
+    overlays = [f for f in files if f.startswith("maps/word-")]
+    head_grids = [f for f in files if f.startswith("maps/heads-")]
+    click.echo(f"wrote {len(files)} files to {out}/")
+    click.echo(f"  image{'s' if len(images) > 1 else ''}: " + ", ".join(str(out / f) for f in images))
+    if grids:
+        click.echo("  all word maps: " + ", ".join(str(out / f) for f in grids))
+    if overlays:
+        click.echo(f"  one map per word: {out / 'maps'}/word-*.png ({len(overlays)} files)")
+    if head_grids:
+        click.echo(f"  layer x head grids: {out / 'maps'}/heads-*.png ({len(head_grids)} files)")
+    click.echo(f"  summary: {out / 'summary.json'}")
 
 
 def _write_images(stage: Path, images) -> list[str]:

@@ -44,14 +44,16 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     Args:
         model: a local pipeline folder, a hub id (SD 1.x / 2.x / XL), or None for the embedded shapes model.
         device: "cpu", "cuda", "mps"...; None picks the best available.
-        dtype: torch dtype or one of "fp32", "fp16", "bf16"; None keeps the saved dtype.
+        dtype: torch dtype or one of "fp32", "fp16", "bf16"; None keeps the saved dtype, except on a CPU,
+            where None means fp32.
         **kwargs: passed on to `from_pretrained` (e.g. `variant="fp16"`).
     """
     from diffusers import DiffusionPipeline
 
     source = embedded_model_path() if model is None else model
-    # The embedded model is stored in fp16 to stay small; CPUs compute it in fp32.
-    torch_dtype = _resolve_dtype(dtype if dtype is not None or model is not None else "fp32")
+    device = device or default_device()
+    # Half-precision weights (the embedded model is stored in fp16 to stay small) compute in fp32 on a CPU.
+    torch_dtype = _resolve_dtype(dtype if dtype is not None or str(device) != "cpu" else "fp32")
     path = Path(source).expanduser()
     if path.exists():
         index = path / "model_index.json"
@@ -71,7 +73,7 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HeadscopeError(f"could not load model {source}: {first}") from None
-    pipe = pipe.to(device or default_device())
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
