@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
-.PHONY: install install-test demo test test-slow bench clean
+.PHONY: install install-test demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -30,12 +30,14 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-test-slow: install-test
-	$(BIN)/python -m pytest -q -m slow
-
+# Each benchmark prints a table and writes benchmarks/results/NAME.json (CPU: about 30 minutes in all).
 bench: install-test
+	$(BIN)/headscope shapes eval --seeds 0,1 --out benchmarks/results/shapes_eval.json
 	$(BIN)/python benchmarks/trace_overhead.py
 	$(BIN)/python benchmarks/daam_segmentation.py
+	$(BIN)/python benchmarks/hrv_build.py
+	$(BIN)/python benchmarks/weakening.py
+	$(BIN)/python benchmarks/steering.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -129,3 +129,25 @@ def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysem
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, {"model": str(model or "embedded"), **result})
         click.echo(f"wrote {out}", err=True)
+
+
+@shapes.command("ship")
+@click.option("--run-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A training run folder with an exported pipeline/.")
+@click.option("--guidance", type=click.FloatRange(min=1.0), required=True,
+              help="Default guidance scale commands use for this model (pick it with `shapes eval`).")
+@click.option("--steps", "num_steps", type=click.IntRange(1), default=25, show_default=True,
+              help="Default denoising steps.")
+@click.option("--target", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put it (default: the package's embedded model folder).")
+def ship_cmd(run_dir: Path, guidance: float, num_steps: int, target):
+    """Make a run's exported pipeline the embedded default model, with its generation defaults.
+
+    Example: headscope shapes ship --run-dir runs/shapes --guidance 5
+    """
+    from headscope.models import EMBEDDED_MODEL
+    from headscope.shapes.train import ship
+
+    folder = ship(run_dir / "pipeline", target or EMBEDDED_MODEL,
+                  {"guidance_scale": guidance, "num_inference_steps": num_steps})
+    click.echo(f"shipped {run_dir / 'pipeline'} as {folder}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(source), **kwargs)
+        with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones lack dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(source), **kwargs)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HeadscopeError(f"could not load model {source}: {first}") from None

@@ -284,6 +284,26 @@ def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, tor
     return replace_folder(stage, out)
 
 
+def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
+    """Copy an exported pipeline folder to `target` (atomically) and record generation defaults in it."""
+    from headscope.errors import HeadscopeError
+
+    pipeline, target = Path(pipeline), Path(target)
+    if not (pipeline / "model_index.json").is_file():
+        raise HeadscopeError(f"{pipeline} holds no exported pipeline; train until the first export")
+    stage = target.with_name(f".{target.name}.stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(pipeline, stage)
+    meta = json.loads((stage / "headscope.json").read_text())
+    meta["defaults"] = dict(defaults)
+    log = pipeline.parent / "log.jsonl"
+    if log.is_file():
+        exports = [json.loads(line) for line in log.read_text().splitlines() if '"export"' in line]
+        meta["unet_steps_trained"] = exports[-1]["step"] if exports else None
+    write_json(stage / "headscope.json", meta)
+    return replace_folder(stage, target)
+
+
 def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool = True, on_export=None) -> Path:
     """Run (or resume) all stages in `run_dir`; returns the exported pipeline folder."""
     run_dir = Path(run_dir)
