@@ -77,10 +77,12 @@ def build_cmd(model, concept_source, chosen, prompts_file, n_prompts, steps, gui
     """Build an HRV from ordinary generations; resumable, and splits across `accelerate launch` processes."""
     from headscope.concepts import ConceptSet
     from headscope.hrv import HRVBuilder, Processes
+    from headscope.models import is_shapes_model
 
-    concept_set = ConceptSet.load(concept_source or ("shapes" if model is None else "hrv34"))
+    shapes_world = is_shapes_model(model)
+    concept_set = ConceptSet.load(concept_source or ("shapes" if shapes_world else "hrv34"))
     chosen = [concept_set.check(name) for name in chosen] or concept_set.names
-    prompts = load_prompts(prompts_file, n_prompts, seed, embedded=model is None)
+    prompts = load_prompts(prompts_file, n_prompts, seed, embedded=shapes_world)
     with Processes() as processes:
         device = device or processes.device  # under accelerate launch: this process's device
     pipe = _load(model, device, dtype)
@@ -212,6 +214,7 @@ def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_f
                batch_size, seed, out, device):
     """Ordered weakening: weaken the top-k heads by relevance (MoRHF), least relevant (LeRHF) and random."""
     from headscope.hrv import HRV
+    from headscope.models import is_shapes_model
     from headscope.weaken import ORDERS, OrderedWeakening, weakening_scenes
 
     unknown = [order for order in orders if order not in ORDERS]
@@ -227,7 +230,7 @@ def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_f
     concept = result.concept(concept)
     if prompts_file is not None:
         prompts = load_prompts(prompts_file, n_prompts, seed, embedded=False)
-    elif model is None:
+    elif is_shapes_model(model):
         prompts = weakening_scenes(n_prompts, seed)
     else:
         if clip is None:

@@ -91,3 +91,17 @@ def model_defaults(pipe) -> dict:
         return json.loads(meta.read_text()).get("defaults", {})
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+
+
+def is_shapes_model(model: str | Path | None) -> bool:
+    """Whether `model` (None = the embedded model, or a folder) is a shapes-world model headscope trained.
+
+    Such models speak the shapes-world vocabulary: commands default to its concepts and prompts.
+    """
+    if model is None:
+        return True
+    meta = Path(str(model)).expanduser() / "headscope.json"
+    try:
+        return meta.is_file() and json.loads(meta.read_text()).get("kind") == "shapes-world"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
