@@ -22,7 +22,7 @@ from headscope.errors import HeadscopeError
 from headscope.io import write_json
 from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
-from headscope_cli.steer import SteeringPlan, plan_steering, steering_options
+from headscope_cli.steer import SteeringPlan, parse_fractions, plan_steering, steering_options
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
@@ -83,20 +83,6 @@ def _quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
-def parse_window(ctx, param, value):
-    """--window START:END (fractions of the run) -> (start, end) floats, validated."""
-    if value is None:
-        return None
-    from headscope.steps import StepWindow
-
-    try:
-        start, end = (float(part) for part in value.split(":"))
-        return StepWindow.parse((start, end)).spec
-    except (ValueError, HeadscopeError):
-        raise click.BadParameter(f"{value!r}: use START:END fractions with 0 <= START < END <= 1, "
-                                 "e.g. 0:0.5") from None
-
-
 def generation_options(command):
     """Options shared by `generate` and `daam`."""
     options = [
@@ -110,7 +96,7 @@ def generation_options(command):
         click.option("--negative-prompt", default=None, help="Negative prompt."),
         click.option("--num-images", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Images to generate for the prompt."),
-        click.option("--window", default=None, callback=parse_window, metavar="START:END",
+        click.option("--window", default=None, callback=parse_fractions, metavar="START:END",
                      help="Record only this part of the run, as fractions (e.g. 0:0.5)."),
         click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False, path_type=Path),
                      help="Output folder."),

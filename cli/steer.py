@@ -46,7 +46,7 @@ def parse_adjust(ctx, param, values):
 
 
 def parse_fractions(ctx, param, value):
-    """--steer-steps START:END (fractions of the run) -> (start, end), validated."""
+    """--window / --steer-steps START:END (fractions of the run) -> (start, end), validated."""
     if value is None:
         return None
     from headscope.steps import StepWindow
