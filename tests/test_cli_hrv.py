@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from headscope.hrv import HRV
 from headscope_cli.main import cli
 
-ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "hrv"
+ANCHORS = Path(__file__).resolve().parent / "data" / "hrv"  # the official HRV data, Apache-2.0
 CONCEPTS = {"name": "tiny", "concepts": {"color": ["red", "blue", "green"], "animal": ["dog", "cat", "giraffe"],
                                          "shape": ["circle", "square"]}}
 PROMPTS = "a red dog\na blue circle\n\na cat on the tree\n"
