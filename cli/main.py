@@ -20,6 +20,7 @@ import click
 from headscope import __version__
 from headscope.errors import HeadscopeError
 from headscope.io import write_json
+from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
 from headscope_cli.steer import SteeringPlan, parse_fractions, plan_steering, steering_options
@@ -29,12 +30,14 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
 EXAMPLES = """
 \b
 Examples:
-  headscope generate "a red circle above a blue square" --seed 1 --daam
-  headscope daam "a red circle above a blue square" --word circle --word square --out out/circle
+  headscope generate "a red circle and a blue square" --seed 1 --daam
+  headscope daam "a red circle and a blue square" --word circle --word square --out out/circle
   headscope heads --model path/to/sd-v1-5
+  headscope edit "a red circle and a blue square" "a green circle and a blue square" --concept color
 """
 STEER_EXAMPLES = """\b
   headscope generate "a large rose square in the center" --adjust rose=+color,-shape
+  headscope generate "a large rose square in the center" --adjust rose=+color,-shape --adjust-clamp 9
   headscope generate "a red circle and a blue square" --mitigate-neglect ae-hrv --subjects circle,square
   headscope generate "a small green star" --strengthen green=color:1.5 --steer-steps 0:0.5
 """
@@ -113,15 +116,16 @@ def generation_options(command):
 @generation_options
 @click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
 @steering_options
-def generate(prompt, with_daam, strengthen, adjust, hrv_file, steer_steps, neglect, subjects, **options):
+def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, steer_steps, neglect, subjects,
+             **options):
     """Generate image(s) for PROMPT into --out (image.png, summary.json; maps/ with --daam).
 
     Steering by heads: --strengthen / --adjust scale a word's cross-attention maps head by head with
     Head Relevance Vectors; --mitigate-neglect brings back objects the model leaves out.
     """
     words = [] if with_daam else None
-    steer = dict(strengthen=strengthen, adjust=adjust, hrv_file=hrv_file, steer_steps=steer_steps, neglect=neglect,
-                 subjects=subjects)
+    steer = dict(strengthen=strengthen, adjust=adjust, adjust_clamp=adjust_clamp, hrv_file=hrv_file,
+                 steer_steps=steer_steps, neglect=neglect, subjects=subjects)
     _run(prompt, words=words, head_grids=False, steer=steer, **options)
 
 
@@ -335,6 +339,7 @@ def _unet_config(model) -> dict | None:
 
 cli.add_command(shapes)
 cli.add_command(hrv)
+cli.add_command(edit)
 
 
 def main() -> None:

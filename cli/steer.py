@@ -87,6 +87,9 @@ def steering_options(command):
                      metavar="TOKEN=+DESIRED,-UNDESIRED[:A,B]",
                      help="Adjust TOKEN's maps by A * HRV_desired - B * HRV_undesired (default 2, 1), e.g. "
                           "rose=+color,-shape. Repeatable."),
+        click.option("--adjust-clamp", "adjust_clamp", default=None, type=click.FloatRange(min=0.0, min_open=True),
+                     metavar="C", help="Clip both HRVs of --adjust at C before its formula (the paper clips SDXL's "
+                                       "at 9)."),
         click.option("--hrv", "hrv_file", default=None, type=click.Path(dir_okay=True),
                      help="HRV file for steering (default: the model's own HRV)."),
         click.option("--steer-steps", default=None, callback=parse_fractions, metavar="START:END",
@@ -139,13 +142,16 @@ class SteeringPlan:
             self.summary["neglect"]["log"] = self.excite.log
 
 
-def plan_steering(pipe, prompt, *, strengthen, adjust, hrv_file, steer_steps, neglect, subjects) -> SteeringPlan:
+def plan_steering(pipe, prompt, *, strengthen, adjust, hrv_file, steer_steps, neglect, subjects,
+                  adjust_clamp=None) -> SteeringPlan:
     """Build (and so validate) every steering hook before generation; HeadscopeError on any mistake."""
     from headscope.neglect import AttendAndExcite, heads_hook
     from headscope.steer import adjust_hook, resolve_hrv, strengthen_hook
 
     if subjects is not None and neglect is None:
         raise HeadscopeError("--subjects needs --mitigate-neglect")
+    if adjust_clamp is not None and not adjust:
+        raise HeadscopeError("--adjust-clamp needs --adjust")
     needs_hrv = bool(strengthen or adjust) or neglect in ("ae-hrv", "heads")
     if hrv_file is not None and not needs_hrv:
         raise HeadscopeError("--hrv is only used with --strengthen, --adjust or --mitigate-neglect ae-hrv/heads")
@@ -160,9 +166,10 @@ def plan_steering(pipe, prompt, *, strengthen, adjust, hrv_file, steer_steps, ne
         plan.hooks.append(strengthen_hook(pipe, prompt, {token: (concept, scale)}, hrv=hrv, steps=steer_steps))
         plan.summary.setdefault("strengthen", []).append({"token": token, "concept": concept, "scale": scale})
     for token, desired, undesired, a, b in adjust:
-        plan.hooks.append(adjust_hook(pipe, prompt, {token: (desired, undesired, a, b)}, hrv=hrv, steps=steer_steps))
+        plan.hooks.append(adjust_hook(pipe, prompt, {token: (desired, undesired, a, b)}, hrv=hrv, clamp=adjust_clamp,
+                                      steps=steer_steps))
         plan.summary.setdefault("adjust", []).append({"token": token, "desired": desired, "undesired": undesired,
-                                                      "a": a, "b": b})
+                                                      "a": a, "b": b, "clamp": adjust_clamp})
     if neglect == "heads":
         plan.hooks.append(heads_hook(pipe, prompt, subjects, hrv=hrv, steps=steer_steps))
         plan.summary["neglect"] = {"method": neglect}

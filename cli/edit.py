@@ -1,0 +1,134 @@
+"""`headscope edit`: prompt-to-prompt word swaps (P2P), and P2P-HRV with --concept.
+
+Options are checked by click before any model is loaded; prompts, the HRV and its concept are checked
+against the loaded pipeline before anything is generated, and the outputs are staged and moved into
+--out only when both images and the figure are done: a mistake is one line with exit code 2 and
+leaves no output.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from headscope.editing import DEFAULT_CROSS, DEFAULT_SELF
+from headscope.errors import HeadscopeError
+
+DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+EDIT_EXAMPLES = """
+\b
+Examples:
+  headscope edit "a red circle and a blue square" "a green circle and a blue square" --seed 1
+  headscope edit "a red circle" "a blue circle" --concept color --strength 1.5 --out out/edit
+  headscope edit "a red circle" "a red star" --cross-steps 0.6 --self-steps 0.2
+"""
+FRACTION = click.FloatRange(0.0, 1.0)
+FILES = ("source.png", "edited.png", "comparison.png", "run.json")
+
+
+@click.command("edit", epilog=EDIT_EXAMPLES)
+@click.argument("source_prompt")
+@click.argument("target_prompt")
+@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (both runs start from its noise).")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}].")
+@click.option("--guidance", default=None, type=click.FloatRange(min=0.0),
+              help=f"Classifier-free guidance scale [default: the model's, else {DEFAULT_GUIDANCE}].")
+@click.option("--cross-steps", default=DEFAULT_CROSS, show_default=True, type=FRACTION, metavar="FRACTION",
+              help="Inject the source's cross-attention maps over this first fraction of the steps (0: never).")
+@click.option("--self-steps", default=DEFAULT_SELF, show_default=True, type=FRACTION, metavar="FRACTION",
+              help="Inject the source's coarse self-attention over this first fraction of the steps (0: never).")
+@click.option("--concept", default=None,
+              help="P2P-HRV: strengthen the swapped word's maps by this concept's HRV (e.g. color).")
+@click.option("--strength", default=None, type=float,
+              help="P2P-HRV factor 1 + STRENGTH * (HRV - 1); 1 is the paper's x HRV [default: 1].")
+@click.option("--hrv", "hrv_file", default=None, type=click.Path(dir_okay=True),
+              help="HRV file for --concept (default: the model's own HRV).")
+@click.option("--out", default="out/edit", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: source.png, edited.png, comparison.png, run.json.")
+@click.option("--device", default=None, help="cpu, cuda, mps... (default: best available).")
+@click.option("--dtype", default=None, type=click.Choice(DTYPES), help="Weights dtype (default: as saved).")
+def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps, self_steps, concept, strength,
+         hrv_file, out, device, dtype):
+    """Edit the image of SOURCE_PROMPT into TARGET_PROMPT by swapping a word (prompt-to-prompt).
+
+    Both prompts are generated from the same noise; the target run reuses the source's attention
+    maps for the words the prompts share. With --concept (P2P-HRV) the swapped word's maps are
+    also multiplied by that concept's Head Relevance Vector.
+    """
+    from headscope.editing import Editor, align
+    from headscope.models import model_defaults
+    from headscope.steer import tokenize_prompts
+    from headscope_cli.main import _load
+
+    if concept is None and hrv_file is not None:
+        raise HeadscopeError("--hrv is only used with --concept")
+    if concept is None and strength is not None:
+        raise HeadscopeError("--strength is only used with --concept")
+    strength = 1.0 if strength is None else strength
+    pipe = _load(model, device, dtype)
+    editor = Editor(pipe, cross_steps=cross_steps, self_steps=self_steps, concept=concept, hrv=hrv_file,
+                    strength=strength)
+    source_tokens, target_tokens = tokenize_prompts(pipe, [source_prompt, target_prompt])
+    alignment = align(source_tokens, target_tokens, editor.swapped)
+    if _words(source_tokens) == _words(target_tokens):
+        raise HeadscopeError("the two prompts have the same words: change a word of TARGET_PROMPT to edit the image")
+    swapped_in = [word.text for word in target_tokens.words if set(word.positions) & set(alignment.edited)]
+    if concept is not None and not swapped_in:
+        raise HeadscopeError("--concept strengthens the words TARGET_PROMPT puts in place of the source's, and "
+                             "it has none (it only drops words)")
+    defaults = model_defaults(pipe)
+    steps = steps or int(defaults.get("num_inference_steps", DEFAULT_STEPS))
+    guidance = guidance if guidance is not None else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
+    result = editor(source_prompt, target_prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+    run = {"source_prompt": source_prompt, "target_prompt": target_prompt, "seed": seed, "steps": steps,
+           "guidance": guidance, "cross_steps": cross_steps, "self_steps": self_steps,
+           "method": "p2p-hrv" if concept else "p2p", "swapped": editor.swapped, "swapped_in": swapped_in,
+           "concept": concept, "strength": strength if concept else None,
+           "hrv": (str(hrv_file) if hrv_file else "model default") if concept else None,
+           "model": model or "embedded shapes model", "device": str(pipe.device),
+           "dtype": str(pipe.unet.dtype).replace("torch.", ""), "stored_bytes": result.stored_bytes,
+           "files": list(FILES)}
+    write_edit(out, result.source[0], result.edited[0], run)
+    click.echo(f"wrote {len(FILES)} files to {out}/")
+    click.echo(f"  source: {out / 'source.png'}")
+    click.echo(f"  edited: {out / 'edited.png'}")
+    click.echo(f"  side by side: {out / 'comparison.png'}")
+    click.echo(f"  settings: {out / 'run.json'}")
+
+
+def _words(tokenization) -> list[str]:
+    return [word.text.lower() for word in tokenization.words]
+
+
+def write_edit(out: Path, source, edited, run: dict) -> None:
+    """The two images, their side-by-side figure and run.json, moved into `out` together."""
+    from headscope.io import write_json
+    from headscope.viz import save_figure
+    from headscope_cli.main import staged_output
+
+    with staged_output(out) as stage:
+        source.save(stage / "source.png")
+        edited.save(stage / "edited.png")
+        save_figure(comparison_figure(source, edited, run["source_prompt"], run["target_prompt"]),
+                    stage / "comparison.png")
+        write_json(stage / "run.json", run)
+
+
+def comparison_figure(source, edited, source_prompt: str, target_prompt: str):
+    """Source and edited images side by side, each titled with its prompt."""
+    from matplotlib.figure import Figure
+
+    from headscope.viz import _as_pixels, _wrap
+
+    figure = Figure(figsize=(8.4, 4.6), layout="constrained")
+    for axes, image, title in zip(figure.subplots(1, 2), (source, edited),
+                                  (f'source: "{source_prompt}"', f'edited: "{target_prompt}"')):
+        axes.imshow(_as_pixels(image))
+        axes.set_title(_wrap(title, 48), fontsize=10)
+        axes.set_axis_off()
+    return figure
