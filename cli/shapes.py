@@ -68,8 +68,15 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
 @click.option("--n-scenes", type=click.IntRange(16), default=None, help="Training scenes to encode.")
 @click.option("--seed", type=int, default=None)
 @click.option("--tiny", is_flag=True, help="A tiny architecture, for smoke tests.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Another run folder: reuse its VAE and latents and start from its UNet checkpoint.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="UNet target (new runs: v_prediction).")
+@click.option("--zero-snr/--no-zero-snr", default=None,
+              help="Rescale the schedule to zero terminal SNR (new runs: on; needs v_prediction).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
-def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, threads):
+def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_from, prediction, zero_snr,
+              threads):
     """Train (or resume) the shapes model: VAE, latent encoding, then UNet + text encoder with EMA.
 
     Example: nohup headscope shapes train --run-dir runs/shapes &   (CPU-hours; resumable)
@@ -86,9 +93,14 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, thread
     if tiny:
         cfg.model = TINY
     for name, value in (("unet_steps", unet_steps), ("vae_steps", vae_steps), ("n_scenes", n_scenes),
-                        ("seed", seed)):
+                        ("seed", seed), ("init_from", init_from and str(init_from.resolve())),
+                        ("prediction_type", prediction), ("zero_terminal_snr", zero_snr)):
         if value is not None:
             setattr(cfg, name, value)
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        from headscope.errors import HeadscopeError
+
+        raise HeadscopeError("--zero-snr needs --prediction v_prediction (epsilon is undefined at pure noise)")
     pipeline = train(run_dir, cfg)
     click.echo(f"exported pipeline: {pipeline}")
 

@@ -141,3 +141,56 @@ def test_tiny_training_run_exports_a_loadable_pipeline_and_resumes(tmp_path):
     pipe = load_pipeline(pipeline, device="cpu", dtype="fp32")
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise_and_samples_from_its_last_step():
+    from headscope.shapes.model import build_scheduler
+
+    legacy, zero = build_scheduler(), build_scheduler("v_prediction", zero_terminal_snr=True)
+    assert legacy.alphas_cumprod[-1].sqrt() > 0.05  # SD's schedule leaks about 7% of the image
+    assert zero.alphas_cumprod[-1] == 0 and zero.config.prediction_type == "v_prediction"
+    zero.set_timesteps(25)
+    assert int(zero.timesteps[0]) == 999
+    with pytest.raises(ValueError, match="v_prediction"):
+        build_scheduler("epsilon", zero_terminal_snr=True)
+
+
+def test_min_snr_weights_and_targets_follow_the_prediction_type():
+    from headscope.shapes.model import build_scheduler
+    from headscope.shapes.train import min_snr_weights, training_target
+
+    t = torch.tensor([0, 500, 999])
+    eps, v = build_scheduler(), build_scheduler("v_prediction", zero_terminal_snr=True)
+    w_eps, w_v = min_snr_weights(eps, t, 5.0), min_snr_weights(v, t, 5.0)
+    snr = v.alphas_cumprod[t] / (1 - v.alphas_cumprod[t])
+    assert torch.allclose(w_v, torch.clamp(snr + 1, max=5.0) / (snr + 1))
+    assert w_v[-1] == 1.0 and w_eps[-1] == 1.0  # pure noise keeps full weight: the layout is decided there
+    assert w_eps[0] < 0.01 and w_v[0] < 0.01    # nearly clean steps are capped
+    z0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.equal(training_target(eps, z0, noise, t), noise)
+    target = training_target(v, z0, noise, t)
+    assert torch.allclose(target[-1], -z0[-1])  # at zero SNR, v is minus the clean latent
+
+
+def test_a_run_started_from_another_runs_checkpoint_reuses_its_data_and_weights(tmp_path):
+    from headscope.shapes.model import TINY
+    from headscope.shapes.train import TrainConfig, train
+
+    first = tmp_path / "first"
+    cfg = TrainConfig(model=TINY, vae_steps=2, vae_batch=4, n_scenes=32, unet_steps=4, unet_batch=4,
+                      checkpoint_every=4, export_every=4, log_every=1, prediction_type="epsilon",
+                      zero_terminal_snr=False)
+    train(first, cfg, progress=False)
+    second = tmp_path / "second"
+    tuned = TrainConfig(model=TINY, vae_steps=2, vae_batch=4, n_scenes=32, unet_steps=2, unet_batch=4,
+                        checkpoint_every=2, export_every=2, log_every=1, init_from=str(first))
+    pipeline = train(second, tuned, progress=False)
+    log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
+    assert log[0] == {**log[0], "stage": "init", "step": 4}
+    assert not any(record["stage"] == "vae" for record in log)  # the VAE came from the first run
+    assert (second / "latents.safetensors").read_bytes() == (first / "latents.safetensors").read_bytes()
+    scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
+    saved = TrainConfig.from_json({k: v for k, v in cfg.to_json().items()
+                                   if k not in ("prediction_type", "zero_terminal_snr")})
+    assert saved.prediction_type == "epsilon" and not saved.zero_terminal_snr  # old run folders keep their recipe

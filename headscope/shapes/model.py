@@ -65,11 +65,22 @@ def build_text_encoder(cfg: ModelConfig, tokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_scheduler() -> DDIMScheduler:
-    """SD's noise schedule, with DDIM sampling as the shipped default."""
+def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDIMScheduler:
+    """SD's noise schedule, with DDIM sampling as the shipped default.
+
+    SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in the last training step, so a model
+    learns to read the layout off that leak, and at sampling time, where the noise holds no image,
+    the seed decides where objects go, whatever the prompt says. `zero_terminal_snr` rescales the betas
+    so the last step is pure noise (Lin et al. 2024); it needs v-prediction and "trailing" spacing,
+    which starts sampling at the last training step.
+    """
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("a zero terminal SNR schedule needs prediction_type='v_prediction'")
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1, prediction_type="epsilon")
+                         steps_offset=0 if zero_terminal_snr else 1, prediction_type=prediction_type,
+                         rescale_betas_zero_snr=zero_terminal_snr,
+                         timestep_spacing="trailing" if zero_terminal_snr else "leading")
 
 
 def random_pipeline(cfg: ModelConfig = TINY, seed: int = 0):

@@ -44,6 +44,12 @@ class TrainConfig:
     warmup: int = 300
     ema_decay: float = 0.999
     min_snr: float = 5.0
+    # v-prediction on a zero terminal SNR schedule: see build_scheduler for why.
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    # Start the UNet and text encoder (weights and EMA) from another run's UNet checkpoint, and reuse
+    # that run's VAE and latent cache: a fine-tuning phase with its own run folder and log.
+    init_from: str | None = None
     cond_dropout: float = 0.1
     color_jitter: float = 8.0
     checkpoint_every: int = 500
@@ -58,6 +64,9 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         data = dict(data)
+        # Run folders written before these fields existed trained epsilon on SD's own schedule.
+        data.setdefault("prediction_type", "epsilon")
+        data.setdefault("zero_terminal_snr", False)
         data["model"] = ModelConfig.from_json(data["model"])
         return cls(**data)
 
@@ -190,10 +199,23 @@ def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023)."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the scheduler's prediction type.
+
+    Epsilon: min(SNR, gamma) / SNR. For v-prediction the plain v-loss weighs the x0 error by SNR + 1;
+    we cap that at gamma, min(SNR + 1, gamma) / (SNR + 1), rather than use min(SNR, gamma) / (SNR + 1),
+    which would give the pure-noise steps, where the layout is decided from the text alone, no weight.
+    """
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
+
+
+def training_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, timesteps)
+    return noise
 
 
 def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bool = True,
@@ -201,7 +223,7 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.seed + 1)
     unet, text_encoder = build_unet(cfg.model), build_text_encoder(cfg.model, tokenizer)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr)
     params = _named(unet, text_encoder)
     opt = torch.optim.AdamW(params.values(), lr=cfg.unet_lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
@@ -214,6 +236,14 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
         ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+    elif cfg.init_from:
+        weights, source = _load_checkpoint(Path(cfg.init_from) / "unet")
+        if weights is None:
+            raise FileNotFoundError(f"{cfg.init_from} holds no UNet checkpoint to start from")
+        unet.load_state_dict(_split(weights, "model.unet"), strict=False)
+        text_encoder.load_state_dict(_split(weights, "model.text"), strict=False)
+        ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
+        _log(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
     latents = load_file(str(run_dir / "latents.safetensors"))
     mean, std = latents["mean"], latents["std"]
     captions = meta["captions"]
@@ -239,7 +269,7 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        per_sample = (pred - training_target(scheduler, z0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
@@ -273,7 +303,8 @@ def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, tor
     text_encoder.load_state_dict(_split(weights, "text"), strict=False)
     vae.register_to_config(scaling_factor=scaling)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr),
+                                   safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(dtype=dtype)
     stage = out.with_name(f".{out.name}.stage")
@@ -304,6 +335,21 @@ def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
     return replace_folder(stage, target)
 
 
+def _reuse_data(source: Path, run_dir: Path) -> None:
+    """Link the finished VAE and latent cache of `source` into `run_dir` (copies where links fail)."""
+    for name in ("vae/weights.safetensors", "vae/state.pt", "latents.json", "latents.safetensors"):
+        src, dst = source / name, run_dir / name
+        if dst.exists():
+            continue
+        if not src.is_file():
+            raise FileNotFoundError(f"{source} has no {name}; finish its VAE and encoding stages first")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
 def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool = True, on_export=None) -> Path:
     """Run (or resume) all stages in `run_dir`; returns the exported pipeline folder."""
     run_dir = Path(run_dir)
@@ -313,6 +359,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, *, progress: bool
         cfg = TrainConfig.from_json(json.loads(saved.read_text())) if cfg is None else cfg
     cfg = cfg or TrainConfig()
     write_json(saved, cfg.to_json())
+    if cfg.init_from:
+        _reuse_data(Path(cfg.init_from), run_dir)
     vae = train_vae(run_dir, cfg, progress=progress)
     meta = encode_dataset(run_dir, cfg, vae, progress=progress)
     train_unet(run_dir, cfg, vae, meta, progress=progress, on_export=on_export)
