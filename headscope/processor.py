@@ -219,7 +219,9 @@ class HeadProcessor:
         hooks = self.hooks.items
         factors = _combined_factors((hook.value_factors(ctx) for hook in hooks), value.device)  # [batch|1, heads, key]
         if factors is not None:
-            value = value * factors.to(value.dtype)[..., None]
+            # Scaled in the projection's [batch, key, heads, dim] layout so that SDPA sees the strides it
+            # sees without steering (a contiguous [batch, heads, key, dim] value can take another kernel).
+            value = (value.transpose(1, 2) * factors.to(value.dtype).transpose(1, 2)[..., None]).transpose(1, 2)
         readers = [hook for hook in hooks if hook.wants_probs(ctx)]
         editors = [hook for hook in hooks if hook.edits_probs(ctx)]
         if editors:
