@@ -71,9 +71,9 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Another run folder: reuse its VAE and latents and start from its UNet checkpoint.")
 @click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default=None,
-              help="UNet target (new runs: v_prediction).")
+              help="UNet target (default: epsilon).")
 @click.option("--zero-snr/--no-zero-snr", default=None,
-              help="Rescale the schedule to zero terminal SNR (new runs: on; needs v_prediction).")
+              help="Rescale the schedule to zero terminal SNR (default: off; needs --prediction v_prediction).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_from, prediction, zero_snr,
               threads):

@@ -183,7 +183,8 @@ def test_a_run_started_from_another_runs_checkpoint_reuses_its_data_and_weights(
     train(first, cfg, progress=False)
     second = tmp_path / "second"
     tuned = TrainConfig(model=TINY, vae_steps=2, vae_batch=4, n_scenes=32, unet_steps=2, unet_batch=4,
-                        checkpoint_every=2, export_every=2, log_every=1, init_from=str(first))
+                        checkpoint_every=2, export_every=2, log_every=1, init_from=str(first),
+                        prediction_type="v_prediction", zero_terminal_snr=True)
     pipeline = train(second, tuned, progress=False)
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
     assert log[0] == {**log[0], "stage": "init", "step": 4}

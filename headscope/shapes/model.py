@@ -68,9 +68,8 @@ def build_text_encoder(cfg: ModelConfig, tokenizer) -> CLIPTextModel:
 def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDIMScheduler:
     """SD's noise schedule, with DDIM sampling as the shipped default.
 
-    SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in the last training step, so a model
-    learns to read the layout off that leak, and at sampling time, where the noise holds no image,
-    the seed decides where objects go, whatever the prompt says. `zero_terminal_snr` rescales the betas
+    SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in the last training step, so sampling
+    starts from noise that lacks what the model saw in training. `zero_terminal_snr` rescales the betas
     so the last step is pure noise (Lin et al. 2024); it needs v-prediction and "trailing" spacing,
     which starts sampling at the last training step.
     """
