@@ -11,10 +11,15 @@ shapes annotator, `headscope.shapes.annotate`):
                 hook, to tell the processors' own cost from the steering's.
   polysemy      "a large rose square in the center" (colour sense of rose / orange): rate the unwanted
                 sense (the rose / orange glyph) is drawn and the wanted one (a rose-coloured square),
-                baseline vs the word adjusted by +color,-shape (a=2, b=1).
+                baseline vs the word adjusted by +color,-shape (a=2, b=1). Then the other way round, as a
+                check that the heads control the sense at all: colour-sense prompts pushed to +shape,-color
+                and object-sense prompts ("a large rose on the left") pushed to +color,-shape.
   neglect       "a red circle and a blue square": rate that both objects appear (and with the right
                 colours), plain vs (a) Attend-and-Excite, (b) A&E-HRV, (c) HRV head reweighting,
                 diffusers' StableDiffusionAttendAndExcitePipeline; seconds per image each.
+  crowded       neglect with three objects ("a red circle and a blue square and a green triangle";
+                training had at most two different objects): rate all three shapes appear, mean number
+                present, for plain, ae, ae-hrv and heads.
   editing       colour edits (red circle -> blue circle) and shape edits (red circle -> red square):
                 success = the target attribute is on the largest object; preservation = IoU of the
                 source and edited object masks, and the share of background pixels left unchanged;
@@ -41,8 +46,9 @@ import torch
 from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steering.json"
-TASKS = ("overhead", "polysemy", "neglect", "editing", "strengthening")
+TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening")
 NEGLECT_METHODS = ("plain", "ae", "ae-hrv", "heads", "diffusers-ae")
+CROWDED_METHODS = ("plain", "ae", "ae-hrv", "heads")
 PLAIN_COLORS = ("red", "green", "blue", "yellow", "purple", "white")
 BACKGROUND_TOLERANCE = 16  # a background pixel is unchanged when no channel moved by more than this (0-255)
 
@@ -255,47 +261,116 @@ def task_polysemy(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
     from headscope.steer import adjust_hook
 
-    rates = {"baseline": [], "adjusted": []}
-    for number, scene in enumerate(polysemy_scenes(context)):
-        word = scene.objects[0].color
-        hook = adjust_hook(context.pipe, scene.caption, {word: ("color", "shape")}, hrv=context.hrv)
-        for kind, hooks in (("baseline", None), ("adjusted", [hook])):
-            image, _ = context.generate(scene.caption, 1000 + number, hooks)
-            rates[kind].append(score_scene(scene, annotate(image))["polysemy"])
-    return {"n": len(rates["baseline"]), "adjust": "+color,-shape a=2 b=1",
-            **{kind: {"unwanted_sense": _rate(p["unwanted_sense"] for p in records),
-                      "wanted_sense": _rate(p["wanted_sense"] for p in records)} for kind, records in rates.items()}}
+    def run(scenes, desired, undesired, salt, baseline=True):
+        rates = {"baseline": [], "adjusted": []} if baseline else {"adjusted": []}
+        for number, scene in enumerate(scenes):
+            word = scene.objects[0].color if scene.objects[0].shape not in POLYSEMOUS else scene.objects[0].shape
+            hook = adjust_hook(context.pipe, scene.caption, {word: (desired, undesired)}, hrv=context.hrv)
+            for kind, hooks in (("baseline", None), ("adjusted", [hook])):
+                if kind in rates:
+                    image, _ = context.generate(scene.caption, salt + number, hooks)
+                    rates[kind].append(score_scene(scene, annotate(image))["polysemy"])
+        return {kind: {"unwanted_sense": _rate(p["unwanted_sense"] for p in records),
+                       "wanted_sense": _rate(p["wanted_sense"] for p in records), "n": len(records)}
+                for kind, records in rates.items()}
+
+    from headscope.shapes.world import POLYSEMOUS
+
+    scenes = polysemy_scenes(context)
+    result = {"n": len(scenes), "adjust": "+color,-shape a=2 b=1", **run(scenes, "color", "shape", 1000)}
+    # The other way round: does pushing the word's heads towards the other concept flip the sense drawn?
+    pushed = run(scenes, "shape", "color", 1000, baseline=False)  # same prompts and seeds: same baseline
+    result["colour_sense_pushed_to_shape"] = {"glyph_drawn": pushed["adjusted"]["unwanted_sense"],
+                                              "glyph_drawn_baseline": result["baseline"]["unwanted_sense"],
+                                              "n": pushed["adjusted"]["n"]}
+    pulled = run(object_sense_scenes(context), "color", "shape", 3000)
+    result["object_sense_pushed_to_color"] = {"glyph_missing": pulled["adjusted"]["unwanted_sense"],
+                                              "glyph_missing_baseline": pulled["baseline"]["unwanted_sense"],
+                                              "n": pulled["adjusted"]["n"]}
+    return result
+
+
+def object_sense_scenes(context: Context) -> list:
+    """'a large rose on the left': the drawn object (glyph) sense of each polysemous word."""
+    from headscope.shapes.world import POLYSEMOUS, POSITION_PHRASES, POSITIONS, SIZES, ObjectSpec, Scene, article
+
+    candidates = []
+    for word in POLYSEMOUS:
+        for size in SIZES:
+            for position in POSITIONS:
+                obj = ObjectSpec(shape=word, color="orange" if word == "orange" else "red", size=size,
+                                 position=position, center=tuple(float(c) for c in POSITIONS[position]))
+                caption = f"{article(size)} {size} {word} {POSITION_PHRASES[position]}"
+                candidates.append(Scene([obj], caption, "single",
+                                        {"size": True, "color": False, "fill": True, "position": True}))
+    return pick(context, candidates, 6)
+
+
+def _neglect_image(context: Context, method: str, caption: str, subjects: dict, seed: int):
+    from headscope.neglect import AttendAndExcite, diffusers_attend_and_excite, heads_hook
+
+    if method == "plain":
+        return context.generate(caption, seed)[0]
+    if method == "heads":
+        return context.generate(caption, seed, [heads_hook(context.pipe, caption, subjects, hrv=context.hrv)])[0]
+    if method == "diffusers-ae":
+        call = {**context.call(seed), "subjects": list(subjects)}
+        return diffusers_attend_and_excite(context.pipe, caption, **call).images[0]
+    excite = AttendAndExcite(context.pipe, caption, subjects, weighted=method == "ae-hrv", hrv=context.hrv)
+    return excite.generate(**context.call(seed)).images[0]
 
 
 def task_neglect(context: Context) -> dict:
-    from headscope.neglect import AttendAndExcite, diffusers_attend_and_excite, heads_hook
     from headscope.shapes.annotate import annotate, score_scene
 
     records = {method: [] for method in NEGLECT_METHODS}
     seconds = {method: [] for method in NEGLECT_METHODS}
     for number, scene in enumerate(pair_scenes(context)):
         subjects = {obj.shape: "shape" for obj in scene.objects}
-        seed = 1000 + number
         for method in NEGLECT_METHODS:
             started = time.perf_counter()
-            if method == "plain":
-                image, _ = context.generate(scene.caption, seed)
-            elif method == "heads":
-                hook = heads_hook(context.pipe, scene.caption, subjects, hrv=context.hrv)
-                image, _ = context.generate(scene.caption, seed, [hook])
-            elif method == "diffusers-ae":
-                call = {**context.call(seed), "subjects": list(subjects)}
-                image = diffusers_attend_and_excite(context.pipe, scene.caption, **call).images[0]
-            else:
-                excite = AttendAndExcite(context.pipe, scene.caption, subjects, weighted=method == "ae-hrv",
-                                         hrv=context.hrv)
-                image = excite.generate(**context.call(seed)).images[0]
+            image = _neglect_image(context, method, scene.caption, subjects, 1000 + number)
             seconds[method].append(time.perf_counter() - started)
             records[method].append(score_scene(scene, annotate(image)))
     return {"n": len(records["plain"]), **{method: {
         "both_present": _rate(r["both_present"] for r in records[method]),
         "both_correct": _rate(r["both_correct"] for r in records[method]),
         "seconds_per_image": round(statistics.mean(seconds[method]), 4)} for method in NEGLECT_METHODS}}
+
+
+def crowded_prompts(context: Context) -> list[tuple[str, list[str]]]:
+    """(caption, its three shapes): three different colours and shapes, a fixed shuffle."""
+    from headscope.shapes.world import GEOMETRIC, article
+
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(50 * context.args.n_prompts):
+        colors, shapes = rng.sample(PLAIN_COLORS, 3), rng.sample(GEOMETRIC, 3)
+        caption = " and ".join(f"{article(color)} {color} {shape}" for color, shape in zip(colors, shapes))
+        if context.fits(caption):
+            prompts.append((caption, shapes))
+        if len(prompts) == context.args.n_prompts:
+            break
+    return prompts
+
+
+def task_crowded(context: Context) -> dict:
+    from headscope.shapes.annotate import annotate
+
+    present = {method: [] for method in CROWDED_METHODS}
+    seconds = {method: [] for method in CROWDED_METHODS}
+    for number, (caption, shapes) in enumerate(crowded_prompts(context)):
+        subjects = {shape: "shape" for shape in shapes}
+        for method in CROWDED_METHODS:
+            started = time.perf_counter()
+            image = _neglect_image(context, method, caption, subjects, 2000 + number)
+            seconds[method].append(time.perf_counter() - started)
+            found = {obj.shape for obj in annotate(image)}
+            present[method].append(sum(shape in found for shape in shapes))
+    return {"n": len(present["plain"]), **{method: {
+        "all_three_present": _rate(count == 3 for count in present[method]),
+        "mean_present": _rate(present[method]),
+        "seconds_per_image": round(statistics.mean(seconds[method]), 4)} for method in CROWDED_METHODS}}
 
 
 def task_editing(context: Context) -> dict:
@@ -338,7 +413,8 @@ def task_strengthening(context: Context) -> dict:
                for kind, records in rows.items()}}
 
 
-RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "editing": task_editing,
+RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "crowded": task_crowded,
+           "editing": task_editing,
            "strengthening": task_strengthening}
 
 
@@ -377,16 +453,16 @@ def _background_unchanged(source_image, edited_image, source_objects, edited_obj
 def table(result: dict) -> str:
     lines = [f"steering benchmark — {result['model']}, HRV {result['hrv']}, {result['steps']} steps, guidance "
              f"{result['guidance']}, device {result['device']}, {result['threads']} threads",
-             f"{'task':<14}{'variant':<22}{'metric':<22}{'value':>10}{'n':>6}"]
+             f"{'task':<14}{'variant':<30}{'metric':<26}{'value':>10}{'n':>6}"]
     for task, values in result["tasks"].items():
         n = values.get("n", "")
         for variant, metrics in values.items():
             if isinstance(metrics, dict):
                 for metric, value in metrics.items():
                     if metric != "n":
-                        lines.append(f"{task:<14}{variant:<22}{metric:<22}{_show(value):>10}{metrics.get('n', n):>6}")
+                        lines.append(f"{task:<14}{variant:<30}{metric:<26}{_show(value):>10}{metrics.get('n', n):>6}")
             elif variant not in ("n", "prompt", "adjust", "guidance", "repeats"):
-                lines.append(f"{task:<14}{'':<22}{variant:<22}{_show(metrics):>10}{n:>6}")
+                lines.append(f"{task:<14}{'':<30}{variant:<26}{_show(metrics):>10}{n:>6}")
     return "\n".join(lines)
 
 
