@@ -74,9 +74,13 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
               help="UNet target (default: epsilon).")
 @click.option("--zero-snr/--no-zero-snr", default=None,
               help="Rescale the schedule to zero terminal SNR (default: off; needs --prediction v_prediction).")
+@click.option("--high-noise-share", type=click.FloatRange(0, 1), default=None,
+              help="Share of each batch with timesteps from the noisiest part of the schedule (default 0).")
+@click.option("--position-share", type=click.FloatRange(0, 1), default=None,
+              help="Share of each batch from scenes whose caption says a position (default 0).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_from, prediction, zero_snr,
-              threads):
+              high_noise_share, position_share, threads):
     """Train (or resume) the shapes model: VAE, latent encoding, then UNet + text encoder with EMA.
 
     Example: nohup headscope shapes train --run-dir runs/shapes &   (CPU-hours; resumable)
@@ -94,7 +98,8 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_f
         cfg.model = TINY
     for name, value in (("unet_steps", unet_steps), ("vae_steps", vae_steps), ("n_scenes", n_scenes),
                         ("seed", seed), ("init_from", init_from and str(init_from.resolve())),
-                        ("prediction_type", prediction), ("zero_terminal_snr", zero_snr)):
+                        ("prediction_type", prediction), ("zero_terminal_snr", zero_snr),
+                        ("high_noise_share", high_noise_share), ("position_share", position_share)):
         if value is not None:
             setattr(cfg, name, value)
     if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":

@@ -195,3 +195,25 @@ def test_a_run_started_from_another_runs_checkpoint_reuses_its_data_and_weights(
     saved = TrainConfig.from_json({k: v for k, v in cfg.to_json().items()
                                    if k not in ("prediction_type", "zero_terminal_snr")})
     assert saved.prediction_type == "epsilon" and not saved.zero_terminal_snr  # old run folders keep their recipe
+
+
+def test_layout_focus_draws_noisy_timesteps_and_positioned_scenes(tmp_path, monkeypatch):
+    from headscope.shapes import train as training
+    from headscope.shapes.model import TINY
+
+    seen = {"t": [], "captions": []}
+    original_add_noise = training.build_scheduler().__class__.add_noise
+
+    def spy_add_noise(self, z0, noise, t):
+        seen["t"].append(t.clone())
+        return original_add_noise(self, z0, noise, t)
+
+    monkeypatch.setattr(training.build_scheduler().__class__, "add_noise", spy_add_noise)
+    cfg = training.TrainConfig(model=TINY, vae_steps=2, vae_batch=4, n_scenes=64, unet_steps=6, unet_batch=8,
+                               checkpoint_every=6, export_every=6, log_every=1, high_noise_share=0.5,
+                               high_noise_from=900, position_share=0.5)
+    training.train(tmp_path, cfg, progress=False)
+    t = torch.stack(seen["t"])  # [steps, batch]
+    assert (t[:, :4] >= 900).all() and (t[:, 4:] < 900).any()
+    captions = json.loads((tmp_path / "latents.json").read_text())["captions"]
+    assert 0 < sum(training._says_position(c) for c in captions) < len(captions)

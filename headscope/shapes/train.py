@@ -52,6 +52,12 @@ class TrainConfig:
     # Start the UNet and text encoder (weights and EMA) from another run's UNet checkpoint, and reuse
     # that run's VAE and latent cache: a fine-tuning phase with its own run folder and log.
     init_from: str | None = None
+    # Layout is decided at high noise, from the text alone, and is learned last. These shares of each
+    # batch draw the timestep from the top `high_noise_from` part of the schedule and the scene from
+    # the scenes whose caption says a position (0 = the plain recipe).
+    high_noise_share: float = 0.0
+    high_noise_from: int = 600
+    position_share: float = 0.0
     cond_dropout: float = 0.1
     color_jitter: float = 8.0
     checkpoint_every: int = 500
@@ -220,6 +226,12 @@ def training_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps:
     return noise
 
 
+def _says_position(caption: str) -> bool:
+    from headscope.shapes.world import POSITION_PHRASES
+
+    return any(phrase in caption for phrase in POSITION_PHRASES.values())
+
+
 def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bool = True,
                on_export=None) -> None:
     tokenizer = build_tokenizer()
@@ -251,6 +263,7 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
     captions = meta["captions"]
     scaling = meta["scaling_factor"]
     n = len(captions)
+    positioned = torch.tensor([i for i, caption in enumerate(captions) if _says_position(caption)], dtype=torch.long)
     unet.train(), text_encoder.train()
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", disable=not progress, initial=start,
                total=cfg.unet_steps)
@@ -259,6 +272,10 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
         epoch, offset = divmod(step * cfg.unet_batch, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         idx = order[offset: offset + cfg.unet_batch]
+        n_position = int(round(cfg.position_share * cfg.unet_batch)) if len(positioned) else 0
+        if n_position:
+            picks = torch.randint(0, len(positioned), (n_position,), generator=gen)
+            idx = torch.cat([idx[: cfg.unet_batch - n_position], positioned[picks]])
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
         drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
         texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
@@ -266,6 +283,10 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
                         return_tensors="pt").input_ids
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        n_high = int(round(cfg.high_noise_share * len(idx)))
+        if n_high:
+            t[:n_high] = torch.randint(cfg.high_noise_from, scheduler.config.num_train_timesteps, (n_high,),
+                                       generator=gen)
         noisy = scheduler.add_noise(z0, noise, t)
         lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
