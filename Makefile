@@ -35,9 +35,10 @@ bench: install-test
 	$(BIN)/headscope shapes eval --seeds 0,1 --out benchmarks/results/shapes_eval.json
 	$(BIN)/python benchmarks/trace_overhead.py
 	$(BIN)/python benchmarks/daam_segmentation.py
+	$(BIN)/python benchmarks/position_probe.py
 	$(BIN)/python benchmarks/hrv_build.py
 	$(BIN)/python benchmarks/weakening.py
-	$(BIN)/python benchmarks/steering.py
+	$(BIN)/python benchmarks/steering.py --repeats 15
 
 clean:
 	rm -rf $(OUT) .pytest_cache

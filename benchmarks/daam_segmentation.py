@@ -9,6 +9,10 @@ Words are grouped by role: shape nouns, colour, size and position words. An imag
 lacks the described object is skipped (and counted). Chance levels are reported beside each score:
 the pointing game of a random pixel (mean mask area / image area) and the mIoU of a full-image mask.
 
+Per head: the pointing game of every head's own map (`tc.head_maps`), of each resolution level's
+heads summed, and of the k best heads summed, with the heads chosen on one seed's images and scored
+on the other seed's (two folds, averaged), so the choice is never scored on the images it was made on.
+
 Usage:
   python benchmarks/daam_segmentation.py                 # embedded model, 2 seeds
   python benchmarks/daam_segmentation.py --tiny          # smoke run on a tiny random pipeline
@@ -69,6 +73,7 @@ def _owner(scene: Scene, words: list[str], position: int):
 
 
 def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str):
+    """Records (one per content word and image); scored records keep their per-head maps in `_heads`."""
     records = []
     jobs = [(scene, seed) for seed in seeds for scene in scenes]
     for start in range(0, len(jobs), batch):
@@ -91,9 +96,68 @@ def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: in
                         mask = threshold(heat, tau).numpy()
                         record[f"iou@{tau}"] = float((mask & target).sum() / max(1, (mask | target).sum()))
                     record["chance_iou"] = float(target.mean())
+                    record["_heads"] = tc.head_maps(word, occurrence=occurrence, image=i)  # [heads, h, w] latent size
+                    record["_target"] = target
+                    record["head_pointing"] = _pointing(_to_image(record["_heads"], target.shape, upsample), target)
                 records.append(record)
         print(f"  {min(start + batch, len(jobs))}/{len(jobs)} images", file=sys.stderr)
     return records
+
+
+def _to_image(maps: torch.Tensor, size, upsample: str) -> torch.Tensor:
+    """[n, h, w] maps -> [n, H, W] at image size."""
+    mode = "bicubic" if upsample == "bicubic" else "nearest"
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=tuple(size), mode=mode)[:, 0]
+
+
+def _pointing(maps: torch.Tensor, target: np.ndarray) -> list[int]:
+    """For each map of [n, H, W]: 1 when its maximum lies inside the target mask."""
+    flat = maps.flatten(1).argmax(dim=1)
+    width = maps.shape[-1]
+    return [int(target[int(index) // width, int(index) % width]) for index in flat]
+
+
+def head_analysis(records, index, seeds, upsample: str, ks=(1, 4, 8)) -> dict:
+    """Per role: pointing of each head, of each level's heads summed, and of the k best heads
+    (chosen on one seed, scored on the other; two folds averaged)."""
+    levels = sorted({layer.level for layer in index.layers})
+    heads_at = {level: [h for layer in index.layers if layer.level == level
+                        for h in range(layer.offset, layer.offset + layer.heads)] for level in levels}
+    out = {}
+    for role in ("shape", "color", "size", "position"):
+        scored = [r for r in records if r["role"] == role and r["found"]]
+        if not scored:
+            continue
+        per_head = np.mean([r["head_pointing"] for r in scored], axis=0)
+        entry = {"head_pointing": [round(float(v), 3) for v in per_head],
+                 "best_head": int(per_head.argmax()), "best_head_pointing": float(per_head.max()),
+                 "level_pointing": {}}
+        for level in levels:
+            hits = [_pointing(_to_image(r["_heads"][heads_at[level]].sum(0, keepdim=True), r["_target"].shape,
+                                        upsample), r["_target"])[0] for r in scored]
+            entry["level_pointing"][_resolution(index, level)] = float(np.mean(hits))
+        if len(seeds) >= 2:
+            folds = [(seeds[0], seeds[1]), (seeds[1], seeds[0])]
+            for k in ks:
+                rates = []
+                for choose, score in folds:
+                    chosen_records = [r for r in scored if r["seed"] == choose]
+                    test = [r for r in scored if r["seed"] == score]
+                    if not chosen_records or not test:
+                        continue
+                    ranking = np.argsort(-np.mean([r["head_pointing"] for r in chosen_records], axis=0))[:k]
+                    hits = [_pointing(_to_image(r["_heads"][list(ranking)].sum(0, keepdim=True), r["_target"].shape,
+                                                upsample), r["_target"])[0] for r in test]
+                    rates.append(float(np.mean(hits)))
+                if rates:
+                    entry[f"top{k}_heads_heldout_pointing"] = float(np.mean(rates))
+        out[role] = entry
+    return out
+
+
+def _resolution(index, level: int) -> str:
+    layer = next(layer for layer in index.layers if layer.level == level)
+    return f"{layer.resolution[0]}x{layer.resolution[1]}"
 
 
 def summarize(records) -> dict:
@@ -124,6 +188,21 @@ def format_table(table: dict) -> str:
             continue
         lines.append(f"{role:<10}{e['n_scored']:>8}{e['pointing']:>10.3f}{e['chance_pointing']:>8.3f}"
                      + "".join(f"{e[f'miou@{t}']:>10.3f}" for t in TAUS) + f"{e['chance_miou']:>8.3f}")
+    return "\n".join(lines)
+
+
+def format_heads(heads: dict) -> str:
+    if not heads:
+        return ""
+    levels = list(next(iter(heads.values()))["level_pointing"])
+    tops = [key for key in next(iter(heads.values())) if key.startswith("top")]
+    lines = ["pointing by heads (top-k: chosen on one seed, scored on the other)",
+             f"{'words':<10}{'best head':>12}" + "".join(f"{level:>9}" for level in levels)
+             + "".join(f"{key.split('_')[0]:>8}" for key in tops)]
+    for role, e in heads.items():
+        lines.append(f"{role:<10}{'#%d %.3f' % (e['best_head'], e['best_head_pointing']):>12}"
+                     + "".join(f"{e['level_pointing'][level]:>9.3f}" for level in levels)
+                     + "".join(f"{e[key]:>8.3f}" for key in tops))
     return "\n".join(lines)
 
 
@@ -160,12 +239,18 @@ def main(argv=None) -> int:
     records = evaluate_maps(pipe, scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
                             upsample=args.upsample)
     table = summarize(records)
+    from headscope.heads import HeadIndex
+
+    heads = head_analysis(records, HeadIndex.from_unet(pipe.unet), seeds, args.upsample)
+    for record in records:
+        record.pop("_heads", None), record.pop("_target", None)
     print(f"DAAM vs annotator masks — {model_name}, {len(scenes)} prompts x {len(seeds)} seeds, "
           f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
     print(format_table(table))
+    print(format_heads(heads))
     payload = {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
                "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
-               "summary": table, "records": records}
+               "summary": table, "heads": heads, "records": records}
     print(f"wrote {write_json(args.out, payload, indent=1)}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,53 @@
+"""benchmarks/daam_segmentation.py and benchmarks/position_probe.py run end to end on tiny pipelines."""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_daam_benchmark_scores_heads_levels_and_heldout_head_choices(tmp_path):
+    benchmark = _load("daam_segmentation")
+    out = tmp_path / "daam.json"
+    benchmark.main(["--tiny", "--n-single", "4", "--n-pair", "1", "--steps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 5 and result["seeds"] == [0, 1]
+    for role, entry in result["heads"].items():
+        assert len(entry["head_pointing"]) == 8  # the tiny shapes architecture: 8 heads
+        assert all(0.0 <= value <= 1.0 for value in entry["head_pointing"])
+        assert entry["best_head_pointing"] == max(entry["head_pointing"])
+        assert set(entry["level_pointing"]) and "top4_heads_heldout_pointing" in entry
+    assert not any("_heads" in record for record in result["records"])
+
+
+def test_pointing_counts_a_hit_only_inside_the_mask():
+    benchmark = _load("daam_segmentation")
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 1, 1], maps[1, 3, 3] = 1.0, 1.0
+    target = torch.zeros(4, 4, dtype=torch.bool).numpy()
+    target[1, 1] = True
+    assert benchmark._pointing(maps, target) == [1, 0]
+
+
+def test_position_probe_reports_where_each_seed_put_the_object(tmp_path):
+    from headscope.shapes.model import random_pipeline
+
+    folder = tmp_path / "model"
+    random_pipeline().save_pretrained(folder)
+    out = tmp_path / "probe.json"
+    _load("position_probe").main(["--model", str(folder), "--seeds", "2", "--steps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["follows_word"]) == {"left", "right", "top", "bottom", "center"}
+    assert all(len(drawn) == 2 for drawn in result["drawn"].values())
+    matrix = result["text_encoder_cosine"]["matrix"]
+    assert len(matrix) == 5 and all(abs(matrix[i][i] - 1.0) < 1e-3 for i in range(5))
+    assert 0.0 <= result["same_place_for_every_edge_word"] <= 1.0
