@@ -8,8 +8,9 @@ Three measurements on "a large red circle <position phrase>" for the five positi
                  annotator reads where the object went: "follows word" = the position drawn is the one
                  asked; "same place for every edge word" = left, right, top and bottom all ended up at
                  one place (the noise decided, not the word).
-  text encoder   cosine similarity of the text encoder's output at the position word's token between
-                 phrases (1.0 = the UNet is handed the same vector for both words).
+  text encoder   distance between the text encoder's outputs at the position word's token for two
+                 phrases, relative to their mean norm (0 = the UNet is handed the same vector for both
+                 words); the same for the input token embeddings, to tell learned collapse from init.
   first step     where the model's first clean-image estimate (at the first sampling step, from pure
                  noise) puts the prompt's content: the centroid of |x0(prompt) - x0("")|^2 on the latent
                  grid, per phrase, averaged over seeds; the spread between phrases shows whether the
@@ -68,8 +69,10 @@ def main(argv=None) -> int:
     with torch.no_grad():
         states = encoder(ids)[0]
     where = [tokenizer(prompts[w]).input_ids.index(tokenizer.convert_tokens_to_ids(w)) for w in words]
-    vectors = torch.nn.functional.normalize(torch.stack([states[i, p] for i, p in enumerate(where)]), dim=-1)
-    cosine = (vectors @ vectors.T).tolist()
+    vectors = torch.stack([states[i, p] for i, p in enumerate(where)])
+    distance = (torch.cdist(vectors, vectors) / vectors.norm(dim=-1).mean()).tolist()
+    inputs = encoder.get_input_embeddings().weight.detach()[tokenizer.convert_tokens_to_ids(words)]
+    input_distance = (torch.cdist(inputs, inputs) / inputs.norm(dim=-1).mean()).tolist()
 
     scheduler = pipe.scheduler
     scheduler.set_timesteps(args.steps)
@@ -101,7 +104,10 @@ def main(argv=None) -> int:
     result = {"model": args.model or "embedded shapes model", "seeds": args.seeds, "steps": args.steps,
               "guidance": guidance, "prompts": prompts, "drawn": drawn, "follows_word": follows,
               "same_place_for_every_edge_word": same_place,
-              "text_encoder_cosine": {"words": words, "matrix": [[round(v, 3) for v in row] for row in cosine]},
+              "text_encoder_relative_distance": {"words": words,
+                                                 "output": [[round(v, 3) for v in row] for row in distance],
+                                                 "input_embedding": [[round(v, 3) for v in row]
+                                                                     for row in input_distance]},
               "first_step_centroid_latent_xy": mean_centroid, "first_step_timestep": int(t),
               "first_step_edge_word_spread_latent_px": round(spread, 3),
               "latent_side": side, "seconds": round(time.perf_counter() - started, 1)}
@@ -111,10 +117,10 @@ def main(argv=None) -> int:
         print(f"{word:<8}{follows[word]:>14.2f}{str(tuple(mean_centroid[word])):>30}")
     print(f"same place for left, right, top and bottom from one seed: {same_place:.2f} of seeds")
     print(f"edge words' first-step centroids differ by {spread:.2f} latent pixels on average (grid {side}x{side})")
-    print("text encoder cosine at the position word:")
-    print("        " + "".join(f"{w:>8}" for w in words))
-    for word, row in zip(words, cosine):
-        print(f"{word:<8}" + "".join(f"{v:>8.3f}" for v in row))
+    print("text encoder output at the position word: distance / norm (input embeddings in brackets)")
+    print("        " + "".join(f"{w:>14}" for w in words))
+    for word, row, row_in in zip(words, distance, input_distance):
+        print(f"{word:<8}" + "".join(f"{f'{v:.3f} ({u:.2f})':>14}" for v, u in zip(row, row_in)))
     print(f"wrote {write_json(args.out, result)}", file=sys.stderr)
     return 0
 

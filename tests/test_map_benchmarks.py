@@ -48,6 +48,7 @@ def test_position_probe_reports_where_each_seed_put_the_object(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["follows_word"]) == {"left", "right", "top", "bottom", "center"}
     assert all(len(drawn) == 2 for drawn in result["drawn"].values())
-    matrix = result["text_encoder_cosine"]["matrix"]
-    assert len(matrix) == 5 and all(abs(matrix[i][i] - 1.0) < 1e-3 for i in range(5))
+    matrix = result["text_encoder_relative_distance"]["output"]
+    assert len(matrix) == 5 and all(abs(matrix[i][i]) < 1e-3 for i in range(5))
+    assert min(result["text_encoder_relative_distance"]["input_embedding"][0][1:]) > 0
     assert 0.0 <= result["same_place_for_every_edge_word"] <= 1.0
