@@ -36,6 +36,7 @@ bench: install-test
 	$(BIN)/python benchmarks/trace_overhead.py
 	$(BIN)/python benchmarks/daam_segmentation.py
 	$(BIN)/python benchmarks/position_probe.py
+	$(BIN)/python benchmarks/vae_reconstruction.py
 	$(BIN)/python benchmarks/hrv_build.py
 	$(BIN)/python benchmarks/weakening.py
 	$(BIN)/python benchmarks/steering.py --repeats 15

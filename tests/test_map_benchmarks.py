@@ -1,4 +1,4 @@
-"""benchmarks/daam_segmentation.py and benchmarks/position_probe.py run end to end on tiny pipelines."""
+"""The benchmarks of maps and of the model: daam_segmentation, position_probe and vae_reconstruction run end to end."""
 import importlib.util
 import json
 from pathlib import Path
@@ -52,3 +52,16 @@ def test_position_probe_reports_where_each_seed_put_the_object(tmp_path):
     assert len(matrix) == 5 and all(abs(matrix[i][i]) < 1e-3 for i in range(5))
     assert min(result["text_encoder_relative_distance"]["input_embedding"][0][1:]) > 0
     assert 0.0 <= result["same_place_for_every_edge_word"] <= 1.0
+
+
+def test_vae_reconstruction_benchmark_scores_clean_and_rebuilt_scenes(tmp_path):
+    from headscope.shapes.model import random_pipeline
+
+    folder = tmp_path / "model"
+    random_pipeline().save_pretrained(folder)
+    out = tmp_path / "vae.json"
+    _load("vae_reconstruction").main(["--model", str(folder), "--n", "4", "--batch", "3", "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["clean"]["shape"] == 1.0 and summary["clean"]["color"] == 1.0  # the annotator on renders
+    assert 0.0 <= summary["reconstructed"]["shape"] <= 1.0
+    assert summary["reconstructed"]["shape_by_shape"]
