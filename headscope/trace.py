@@ -81,16 +81,17 @@ class Trace:
 
     def __enter__(self) -> "Trace":
         unet = self.pipe.unet
-        originals = dict(unet.attn_processors)
-        if any(isinstance(processor, HeadProcessor) for processor in originals.values()):
+        # Only the cross-attention modules are touched (module.set_processor), not the whole UNet's
+        # processor dict: entering and leaving a trace then costs microseconds, not milliseconds.
+        modules = {layer.name: unet.get_submodule(layer.name) for layer in self.index.layers}
+        if any(isinstance(module.processor, HeadProcessor) for module in modules.values()):
             raise HeadscopeError("this pipeline is already being traced; close the other trace first")
-        processors = dict(originals)
-        for layer in self.index.layers:
-            _check_replaceable(layer.name, originals[f"{layer.name}.processor"])
-            processors[f"{layer.name}.processor"] = HeadProcessor(layer, self.hooks)
-        self._saved["processors"] = originals
+        for name, module in modules.items():
+            _check_replaceable(name, module.processor)
+        self._saved["processors"] = {name: module.processor for name, module in modules.items()}
         try:
-            unet.set_attn_processor(processors)
+            for layer in self.index.layers:
+                modules[layer.name].set_processor(HeadProcessor(layer, self.hooks))
             self._saved["handle"] = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
             self._wrap_encode_prompt()
         except BaseException:
@@ -104,8 +105,8 @@ class Trace:
     def _restore(self) -> None:
         """Put back whatever was changed: processors, the UNet pre-hook, encode_prompt."""
         try:
-            if "processors" in self._saved:
-                self.pipe.unet.set_attn_processor(dict(self._saved.pop("processors")))
+            for name, processor in self._saved.pop("processors", {}).items():
+                self.pipe.unet.get_submodule(name).set_processor(processor)
         finally:
             if "handle" in self._saved:
                 self._saved.pop("handle").remove()
