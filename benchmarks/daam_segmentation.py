@@ -10,8 +10,8 @@ lacks the described object is skipped (and counted). Chance levels are reported 
 the pointing game of a random pixel (mean mask area / image area) and the mIoU of a full-image mask.
 
 Per head: the pointing game of every head's own map (`tc.head_maps`), of each resolution level's
-heads summed, and of the k best heads summed, with the heads chosen on one seed's images and scored
-on the other seed's (two folds, averaged), so the choice is never scored on the images it was made on.
+heads summed, and of the k best heads summed, with the heads ranked on half of the prompts and scored
+on the other half (two folds, averaged), so a choice is never scored on the prompts it was made on.
 
 Usage:
   python benchmarks/daam_segmentation.py                 # embedded model, 2 seeds
@@ -117,9 +117,9 @@ def _pointing(maps: torch.Tensor, target: np.ndarray) -> list[int]:
     return [int(target[int(index) // width, int(index) % width]) for index in flat]
 
 
-def head_analysis(records, index, seeds, upsample: str, ks=(1, 4, 8)) -> dict:
+def head_analysis(records, index, upsample: str, ks=(1, 4, 8)) -> dict:
     """Per role: pointing of each head, of each level's heads summed, and of the k best heads
-    (chosen on one seed, scored on the other; two folds averaged)."""
+    (ranked on half of the prompts, scored on the other half; two folds averaged)."""
     levels = sorted({layer.level for layer in index.layers})
     heads_at = {level: [h for layer in index.layers if layer.level == level
                         for h in range(layer.offset, layer.offset + layer.heads)] for level in levels}
@@ -136,21 +136,23 @@ def head_analysis(records, index, seeds, upsample: str, ks=(1, 4, 8)) -> dict:
             hits = [_pointing(_to_image(r["_heads"][heads_at[level]].sum(0, keepdim=True), r["_target"].shape,
                                         upsample), r["_target"])[0] for r in scored]
             entry["level_pointing"][_resolution(index, level)] = float(np.mean(hits))
-        if len(seeds) >= 2:
-            folds = [(seeds[0], seeds[1]), (seeds[1], seeds[0])]
-            for k in ks:
-                rates = []
-                for choose, score in folds:
-                    chosen_records = [r for r in scored if r["seed"] == choose]
-                    test = [r for r in scored if r["seed"] == score]
-                    if not chosen_records or not test:
-                        continue
-                    ranking = np.argsort(-np.mean([r["head_pointing"] for r in chosen_records], axis=0))[:k]
-                    hits = [_pointing(_to_image(r["_heads"][list(ranking)].sum(0, keepdim=True), r["_target"].shape,
-                                                upsample), r["_target"])[0] for r in test]
-                    rates.append(float(np.mean(hits)))
-                if rates:
-                    entry[f"top{k}_heads_heldout_pointing"] = float(np.mean(rates))
+        # Two folds over the prompts (alternate prompts, both seeds): heads are ranked on one half's
+        # images and scored on the other half's, never on the prompts they were chosen with.
+        prompts = sorted({r["prompt"] for r in records})
+        half = {prompt: i % 2 for i, prompt in enumerate(prompts)}
+        for k in ks:
+            rates = []
+            for choose in (0, 1):
+                chosen_records = [r for r in scored if half[r["prompt"]] == choose]
+                test = [r for r in scored if half[r["prompt"]] != choose]
+                if not chosen_records or not test:
+                    continue
+                ranking = np.argsort(-np.mean([r["head_pointing"] for r in chosen_records], axis=0))[:k]
+                hits = [_pointing(_to_image(r["_heads"][list(ranking)].sum(0, keepdim=True), r["_target"].shape,
+                                            upsample), r["_target"])[0] for r in test]
+                rates.append(float(np.mean(hits)))
+            if rates:
+                entry[f"top{k}_heads_heldout_pointing"] = float(np.mean(rates))
         out[role] = entry
     return out
 
@@ -196,7 +198,7 @@ def format_heads(heads: dict) -> str:
         return ""
     levels = list(next(iter(heads.values()))["level_pointing"])
     tops = [key for key in next(iter(heads.values())) if key.startswith("top")]
-    lines = ["pointing by heads (top-k: chosen on one seed, scored on the other)",
+    lines = ["pointing by heads (top-k: ranked on half of the prompts, scored on the other half)",
              f"{'words':<10}{'best head':>12}" + "".join(f"{level:>9}" for level in levels)
              + "".join(f"{key.split('_')[0]:>8}" for key in tops)]
     for role, e in heads.items():
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
     table = summarize(records)
     from headscope.heads import HeadIndex
 
-    heads = head_analysis(records, HeadIndex.from_unet(pipe.unet), seeds, args.upsample)
+    heads = head_analysis(records, HeadIndex.from_unet(pipe.unet), args.upsample)
     for record in records:
         record.pop("_heads", None), record.pop("_target", None)
     print(f"DAAM vs annotator masks — {model_name}, {len(scenes)} prompts x {len(seeds)} seeds, "

@@ -10,7 +10,8 @@ Three measurements on "a large red circle <position phrase>" for the five positi
                  one place (the noise decided, not the word).
   text encoder   distance between the text encoder's outputs at the position word's token for two
                  phrases, relative to their mean norm (0 = the UNet is handed the same vector for both
-                 words); the same for the input token embeddings, to tell learned collapse from init.
+                 words); the same at the end token (which, in a causal encoder, has read the whole
+                 prompt) and for the input token embeddings, to tell learned collapse from init.
   first step     where the model's first clean-image estimate (at the first sampling step, from pure
                  noise) puts the prompt's content: the centroid of |x0(prompt) - x0("")|^2 on the latent
                  grid, per phrase, averaged over seeds; the spread between phrases shows whether the
@@ -69,8 +70,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         states = encoder(ids)[0]
     where = [tokenizer(prompts[w]).input_ids.index(tokenizer.convert_tokens_to_ids(w)) for w in words]
-    vectors = torch.stack([states[i, p] for i, p in enumerate(where)])
-    distance = (torch.cdist(vectors, vectors) / vectors.norm(dim=-1).mean()).tolist()
+    def relative_distances(vectors: torch.Tensor) -> list:
+        return (torch.cdist(vectors, vectors) / vectors.norm(dim=-1).mean()).tolist()
+
+    distance = relative_distances(torch.stack([states[i, p] for i, p in enumerate(where)]))
+    end_distance = relative_distances(torch.stack([states[i, p + 1] for i, p in enumerate(where)]))  # end token
     inputs = encoder.get_input_embeddings().weight.detach()[tokenizer.convert_tokens_to_ids(words)]
     input_distance = (torch.cdist(inputs, inputs) / inputs.norm(dim=-1).mean()).tolist()
 
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
               "same_place_for_every_edge_word": same_place,
               "text_encoder_relative_distance": {"words": words,
                                                  "output": [[round(v, 3) for v in row] for row in distance],
+                                                 "end_token": [[round(v, 3) for v in row] for row in end_distance],
                                                  "input_embedding": [[round(v, 3) for v in row]
                                                                      for row in input_distance]},
               "first_step_centroid_latent_xy": mean_centroid, "first_step_timestep": int(t),
@@ -117,10 +122,11 @@ def main(argv=None) -> int:
         print(f"{word:<8}{follows[word]:>14.2f}{str(tuple(mean_centroid[word])):>30}")
     print(f"same place for left, right, top and bottom from one seed: {same_place:.2f} of seeds")
     print(f"edge words' first-step centroids differ by {spread:.2f} latent pixels on average (grid {side}x{side})")
-    print("text encoder output at the position word: distance / norm (input embeddings in brackets)")
-    print("        " + "".join(f"{w:>14}" for w in words))
-    for word, row, row_in in zip(words, distance, input_distance):
-        print(f"{word:<8}" + "".join(f"{f'{v:.3f} ({u:.2f})':>14}" for v, u in zip(row, row_in)))
+    print("text encoder outputs, distance / norm: at the position word | at the end token (input embeddings)")
+    print("        " + "".join(f"{w:>22}" for w in words))
+    for word, row, row_end, row_in in zip(words, distance, end_distance, input_distance):
+        cells = (f"{v:.3f} | {e:.3f} ({u:.2f})" for v, e, u in zip(row, row_end, row_in))
+        print(f"{word:<8}" + "".join(f"{cell:>22}" for cell in cells))
     print(f"wrote {write_json(args.out, result)}", file=sys.stderr)
     return 0
 
