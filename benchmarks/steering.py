@@ -259,6 +259,7 @@ def task_overhead(context: Context) -> dict:
 
 def task_polysemy(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
+    from headscope.shapes.world import POLYSEMOUS
     from headscope.steer import adjust_hook
 
     def run(scenes, desired, undesired, salt, baseline=True):
@@ -273,8 +274,6 @@ def task_polysemy(context: Context) -> dict:
         return {kind: {"unwanted_sense": _rate(p["unwanted_sense"] for p in records),
                        "wanted_sense": _rate(p["wanted_sense"] for p in records), "n": len(records)}
                 for kind, records in rates.items()}
-
-    from headscope.shapes.world import POLYSEMOUS
 
     scenes = polysemy_scenes(context)
     result = {"n": len(scenes), "adjust": "+color,-shape a=2 b=1", **run(scenes, "color", "shape", 1000)}

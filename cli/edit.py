@@ -14,9 +14,7 @@ import click
 
 from headscope.editing import DEFAULT_CROSS, DEFAULT_SELF
 from headscope.errors import HeadscopeError
-
-DTYPES = ("fp32", "fp16", "bf16")
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+from headscope_cli.common import DEFAULT_GUIDANCE, DEFAULT_STEPS, generation_settings, load_model, model_options
 EDIT_EXAMPLES = """
 \b
 Examples:
@@ -31,7 +29,7 @@ FILES = ("source.png", "edited.png", "comparison.png", "run.json")
 @click.command("edit", epilog=EDIT_EXAMPLES)
 @click.argument("source_prompt")
 @click.argument("target_prompt")
-@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@model_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (both runs start from its noise).")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}].")
@@ -49,8 +47,6 @@ FILES = ("source.png", "edited.png", "comparison.png", "run.json")
               help="HRV file for --concept (default: the model's own HRV).")
 @click.option("--out", default="out/edit", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: source.png, edited.png, comparison.png, run.json.")
-@click.option("--device", default=None, help="cpu, cuda, mps... (default: best available).")
-@click.option("--dtype", default=None, type=click.Choice(DTYPES), help="Weights dtype (default: as saved).")
 def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps, self_steps, concept, strength,
          hrv_file, out, device, dtype):
     """Edit the image of SOURCE_PROMPT into TARGET_PROMPT by swapping a word (prompt-to-prompt).
@@ -60,16 +56,14 @@ def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps
     also multiplied by that concept's Head Relevance Vector.
     """
     from headscope.editing import Editor, align
-    from headscope.models import model_defaults
     from headscope.steer import tokenize_prompts
-    from headscope_cli.main import _load
 
     if concept is None and hrv_file is not None:
         raise HeadscopeError("--hrv is only used with --concept")
     if concept is None and strength is not None:
         raise HeadscopeError("--strength is only used with --concept")
     strength = 1.0 if strength is None else strength
-    pipe = _load(model, device, dtype)
+    pipe = load_model(model, device, dtype)
     editor = Editor(pipe, cross_steps=cross_steps, self_steps=self_steps, concept=concept, hrv=hrv_file,
                     strength=strength)
     source_tokens, target_tokens = tokenize_prompts(pipe, [source_prompt, target_prompt])
@@ -80,9 +74,7 @@ def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps
     if concept is not None and not swapped_in:
         raise HeadscopeError("--concept strengthens the words TARGET_PROMPT puts in place of the source's, and "
                              "it has none (it only drops words)")
-    defaults = model_defaults(pipe)
-    steps = steps or int(defaults.get("num_inference_steps", DEFAULT_STEPS))
-    guidance = guidance if guidance is not None else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    steps, guidance = generation_settings(pipe, steps, guidance)
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
     result = editor(source_prompt, target_prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
     run = {"source_prompt": source_prompt, "target_prompt": target_prompt, "seed": seed, "steps": steps,
@@ -108,7 +100,7 @@ def _words(tokenization) -> list[str]:
 def write_edit(out: Path, source, edited, run: dict) -> None:
     """The two images, their side-by-side figure and run.json, moved into `out` together."""
     from headscope.io import write_json
-    from headscope.viz import save_figure
+    from headscope.viz import comparison_figure, save_figure
     from headscope_cli.main import staged_output
 
     with staged_output(out) as stage:
@@ -118,17 +110,3 @@ def write_edit(out: Path, source, edited, run: dict) -> None:
                     stage / "comparison.png")
         write_json(stage / "run.json", run)
 
-
-def comparison_figure(source, edited, source_prompt: str, target_prompt: str):
-    """Source and edited images side by side, each titled with its prompt."""
-    from matplotlib.figure import Figure
-
-    from headscope.viz import _as_pixels, _wrap
-
-    figure = Figure(figsize=(8.4, 4.6), layout="constrained")
-    for axes, image, title in zip(figure.subplots(1, 2), (source, edited),
-                                  (f'source: "{source_prompt}"', f'edited: "{target_prompt}"')):
-        axes.imshow(_as_pixels(image))
-        axes.set_title(_wrap(title, 48), fontsize=10)
-        axes.set_axis_off()
-    return figure

@@ -282,8 +282,8 @@ def weakening_table(summary: list[dict]) -> str:
 
 
 def _load(model, device, dtype):
-    from headscope_cli.main import _load as load
+    from headscope_cli.common import load_model
 
-    pipe = load(model, device, dtype)
+    pipe = load_model(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -20,13 +20,12 @@ import click
 from headscope import __version__
 from headscope.errors import HeadscopeError
 from headscope.io import write_json
+from headscope_cli.common import DEFAULT_GUIDANCE, DEFAULT_STEPS, generation_settings, load_model, model_options
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
 from headscope_cli.steer import SteeringPlan, parse_fractions, plan_steering, steering_options
 
-DTYPES = ("fp32", "fp16", "bf16")
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
 EXAMPLES = """
 \b
 Examples:
@@ -89,7 +88,6 @@ def _quiet_libraries() -> None:
 def generation_options(command):
     """Options shared by `generate` and `daam`."""
     options = [
-        click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Random seed."),
         click.option("--steps", default=None, type=click.IntRange(min=1),
                      help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}]."),
@@ -103,12 +101,10 @@ def generation_options(command):
                      help="Record only this part of the run, as fractions (e.g. 0:0.5)."),
         click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False, path_type=Path),
                      help="Output folder."),
-        click.option("--device", default=None, help="cpu, cuda, mps... (default: best available)."),
-        click.option("--dtype", default=None, type=click.Choice(DTYPES), help="Weights dtype (default: as saved)."),
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return model_options(command)
 
 
 @cli.command(epilog=EXAMPLES + STEER_EXAMPLES)
@@ -146,7 +142,7 @@ def heads(model, as_json):
     from headscope.heads import HeadIndex
 
     config = _unet_config(model)
-    index = HeadIndex.from_config(config) if config is not None else HeadIndex.from_unet(_load(model, "cpu", None).unet)
+    index = HeadIndex.from_config(config) if config is not None else HeadIndex.from_unet(load_model(model, "cpu", None).unet)
     if as_json:
         click.echo(json.dumps({"fingerprint": index.fingerprint(), "latent": list(index.latent_hw),
                                "layers": index.layout()}, indent=2))
@@ -181,12 +177,8 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
 
     from headscope.tokens import tokenize
 
-    from headscope.models import model_defaults
-
-    pipe = _load(model, device, dtype)
-    defaults = model_defaults(pipe)
-    steps = steps or int(defaults.get("num_inference_steps", DEFAULT_STEPS))
-    guidance = guidance if guidance is not None else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    pipe = load_model(model, device, dtype)
+    steps, guidance = generation_settings(pipe, steps, guidance)
     tokenization = tokenize(pipe.tokenizer, prompt, _max_length(pipe))
     if words is not None:
         words = words or list(dict.fromkeys(word.lower() for word in tokenization.word_texts()))
@@ -302,16 +294,6 @@ def _slug(word: str) -> str:
 
 
 # -- models ------------------------------------------------------------------------------------
-
-def _load(model, device, dtype):
-    from headscope.models import load_pipeline
-
-    pipe = load_pipeline(model, device, dtype)
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
-        raise HeadscopeError(f"{model or 'the embedded model'} is not a text-to-image UNet pipeline "
-                             "(no unet or tokenizer)")
-    return pipe
-
 
 def _max_length(pipe) -> int:
     limit = pipe.tokenizer.model_max_length

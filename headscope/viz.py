@@ -95,6 +95,17 @@ def head_grid_figure(head_maps: torch.Tensor, index, *, word: str, prompt: str, 
     return figure
 
 
+def comparison_figure(source, edited, source_prompt: str, target_prompt: str) -> Figure:
+    """Source and edited images side by side, each titled with its prompt (prompt-to-prompt edits)."""
+    figure = Figure(figsize=(8.4, 4.6), layout="constrained")
+    for axes, image, title in zip(figure.subplots(1, 2), (source, edited),
+                                  (f'source: "{source_prompt}"', f'edited: "{target_prompt}"')):
+        axes.imshow(_as_pixels(image))
+        axes.set_title(_wrap(title, 48), fontsize=10)
+        axes.set_axis_off()
+    return figure
+
+
 def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write `figure` to `path` atomically (format from the suffix, e.g. .png)."""
     path = Path(path)

@@ -71,10 +71,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
-        # Run folders written before these fields existed trained epsilon on SD's own schedule.
-        data.setdefault("prediction_type", "epsilon")
-        data.setdefault("zero_terminal_snr", False)
+        data = dict(data)  # fields missing from older run folders take the defaults, their recipe then
         data["model"] = ModelConfig.from_json(data["model"])
         return cls(**data)
 
@@ -244,20 +241,18 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
     ckpt = run_dir / "unet"
     weights, state = _load_checkpoint(ckpt)
     start = 0
-    if state is not None:
-        unet.load_state_dict(_split(weights, "model.unet"), strict=False)
-        text_encoder.load_state_dict(_split(weights, "model.text"), strict=False)
-        ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    elif cfg.init_from:
+    if state is None and cfg.init_from:  # a fresh fine-tuning run: weights and EMA from the other run
         weights, source = _load_checkpoint(Path(cfg.init_from) / "unet")
         if weights is None:
             raise FileNotFoundError(f"{cfg.init_from} holds no UNet checkpoint to start from")
+        _log(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
+    if weights is not None:
         unet.load_state_dict(_split(weights, "model.unet"), strict=False)
         text_encoder.load_state_dict(_split(weights, "model.text"), strict=False)
         ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
-        _log(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
+    if state is not None:  # resuming this run: its optimizer and step too
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
     latents = load_file(str(run_dir / "latents.safetensors"))
     mean, std = latents["mean"], latents["std"]
     captions = meta["captions"]
