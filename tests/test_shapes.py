@@ -196,6 +196,14 @@ def test_a_run_started_from_another_runs_checkpoint_reuses_its_data_and_weights(
                                    if k not in ("prediction_type", "zero_terminal_snr")})
     assert saved.prediction_type == "epsilon" and not saved.zero_terminal_snr  # old run folders keep their recipe
 
+    from headscope.shapes.train import ship
+
+    shipped = ship(pipeline, tmp_path / "shipped", {"guidance_scale": 5.0, "num_inference_steps": 25})
+    meta = json.loads((shipped / "headscope.json").read_text())
+    assert meta["defaults"]["guidance_scale"] == 5.0
+    assert [phase["unet_steps"] for phase in meta["phases"]] == [4, 2] and meta["unet_steps_trained"] == 6
+    assert [phase["train_config"]["prediction_type"] for phase in meta["phases"]] == ["epsilon", "v_prediction"]
+
 
 def test_layout_focus_draws_noisy_timesteps_and_positioned_scenes(tmp_path, monkeypatch):
     from headscope.shapes import train as training
