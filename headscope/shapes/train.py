@@ -366,7 +366,8 @@ def training_phases(run_dir: Path) -> list[dict]:
         return []
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     exports = [r["step"] for r in records if r.get("stage") == "export"]
-    phase = {"run_dir": str(run_dir), "train_config": json.loads(saved.read_text()),
+    recipe = TrainConfig.from_json(json.loads(saved.read_text())).to_json()  # older runs: their defaults
+    phase = {"run_dir": str(run_dir), "train_config": recipe,
              "unet_steps": exports[-1] if exports else None}
     inits = [r for r in records if r.get("stage") == "init"]
     if not inits:
