@@ -72,6 +72,15 @@ def _owner(scene: Scene, words: list[str], position: int):
     return scene.objects[0] if position < split else scene.objects[1] if position > split else None
 
 
+def _context(scene: Scene, word: str, occurrence: int) -> str:
+    """"one object", or which object of a pair the word describes."""
+    if scene.kind != "pair":
+        return "one object"
+    words = scene.caption.split()
+    position = [i for i, w in enumerate(words) if w == word][occurrence]
+    return "pair, first" if position < words.index("and") else "pair, second"
+
+
 def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str):
     """Records (one per content word and image); scored records keep their per-head maps in `_heads`."""
     records = []
@@ -85,7 +94,8 @@ def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: in
         for i, ((scene, seed), image) in enumerate(zip(chunk, images)):
             objects = annotate(image)
             for word, role, occurrence, matching in word_targets(scene, objects):
-                record = {"prompt": scene.caption, "seed": seed, "word": word, "role": role, "found": bool(matching)}
+                record = {"prompt": scene.caption, "seed": seed, "word": word, "role": role,
+                          "context": _context(scene, word, occurrence), "found": bool(matching)}
                 if matching:
                     target = np.logical_or.reduce([o.mask for o in matching])
                     heat = tc.word_map(word, occurrence=occurrence, image=i, upsample=upsample)
@@ -176,6 +186,10 @@ def summarize(records) -> dict:
             for tau in TAUS:
                 entry[f"miou@{tau}"] = float(np.mean([r[f"iou@{tau}"] for r in scored]))
             entry["chance_miou"] = float(np.mean([r["chance_iou"] for r in scored]))
+        contexts = sorted({r["context"] for r in scored})
+        if len(contexts) > 1:
+            entry["pointing_by_context"] = {c: float(np.mean([r["pointing"] for r in scored if r["context"] == c]))
+                                            for c in contexts}
         table[role] = entry
     return table
 
@@ -190,6 +204,10 @@ def format_table(table: dict) -> str:
             continue
         lines.append(f"{role:<10}{e['n_scored']:>8}{e['pointing']:>10.3f}{e['chance_pointing']:>8.3f}"
                      + "".join(f"{e[f'miou@{t}']:>10.3f}" for t in TAUS) + f"{e['chance_miou']:>8.3f}")
+    contexts = [(role, e["pointing_by_context"]) for role, e in table.items() if "pointing_by_context" in e]
+    if contexts:
+        lines.append("pointing by where the word stands: " + "; ".join(
+            f"{role}: " + ", ".join(f"{c} {v:.3f}" for c, v in by.items()) for role, by in contexts))
     return "\n".join(lines)
 
 

@@ -65,3 +65,15 @@ def test_vae_reconstruction_benchmark_scores_clean_and_rebuilt_scenes(tmp_path):
     assert summary["clean"]["shape"] == 1.0 and summary["clean"]["color"] == 1.0  # the annotator on renders
     assert 0.0 <= summary["reconstructed"]["shape"] <= 1.0
     assert summary["reconstructed"]["shape_by_shape"]
+
+
+def test_daam_benchmark_tells_which_object_of_a_pair_a_word_describes():
+    from headscope.shapes.world import ObjectSpec, Scene
+
+    benchmark = _load("daam_segmentation")
+    objects = [ObjectSpec("circle", "red", "large", "left"), ObjectSpec("circle", "blue", "large", "right")]
+    pair = Scene(objects, "a red circle on the left and a blue circle on the right", "pair", {})
+    assert benchmark._context(pair, "circle", 0) == "pair, first"
+    assert benchmark._context(pair, "circle", 1) == "pair, second"
+    assert benchmark._context(pair, "blue", 0) == "pair, second"
+    assert benchmark._context(Scene(objects[:1], "a red circle", "single", {}), "circle", 0) == "one object"
