@@ -30,7 +30,7 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-# Each benchmark prints a table and writes benchmarks/results/NAME.json (CPU: about 30 minutes in all).
+# Each benchmark prints a table and writes benchmarks/results/NAME.json (CPU: about an hour in all).
 bench: install-test
 	$(BIN)/headscope shapes eval --seeds 0,1 --out benchmarks/results/shapes_eval.json
 	$(BIN)/python benchmarks/trace_overhead.py
@@ -40,6 +40,7 @@ bench: install-test
 	$(BIN)/python benchmarks/hrv_build.py
 	$(BIN)/python benchmarks/weakening.py
 	$(BIN)/python benchmarks/steering.py --repeats 15
+	$(BIN)/python benchmarks/steering.py --tasks neglect --n-prompts 100 --out benchmarks/results/steering_neglect100.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache
