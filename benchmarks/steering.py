@@ -46,7 +46,7 @@ import torch
 from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steering.json"
-TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening")
+TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening", "binding")
 NEGLECT_METHODS = ("plain", "ae", "ae-hrv", "heads", "diffusers-ae")
 CROWDED_METHODS = ("plain", "ae", "ae-hrv", "heads")
 PLAIN_COLORS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -412,9 +412,25 @@ def task_strengthening(context: Context) -> dict:
                for kind, records in rows.items()}}
 
 
+def task_binding(context: Context) -> dict:
+    """Strengthening where the model is weak: both colour words of a two-object prompt x HRV_color."""
+    from headscope.shapes.annotate import annotate, score_scene
+    from headscope.steer import strengthen_hook
+
+    rows = {"baseline": [], "strengthened": []}
+    for number, scene in enumerate(pair_scenes(context)):
+        hook = strengthen_hook(context.pipe, scene.caption, {obj.color: "color" for obj in scene.objects},
+                               hrv=context.hrv)
+        for kind, hooks in (("baseline", None), ("strengthened", [hook])):
+            image, _ = context.generate(scene.caption, 1000 + number, hooks)
+            rows[kind].append(score_scene(scene, annotate(image)))
+    return {"n": len(rows["baseline"]), **{kind: {
+        "both_present": _rate(r["both_present"] for r in records),
+        "both_correct": _rate(r["both_correct"] for r in records)} for kind, records in rows.items()}}
+
+
 RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "crowded": task_crowded,
-           "editing": task_editing,
-           "strengthening": task_strengthening}
+           "editing": task_editing, "strengthening": task_strengthening, "binding": task_binding}
 
 
 # -- scoring helpers ------------------------------------------------------------------------------
