@@ -9,11 +9,16 @@ shapes annotator, `headscope.shapes.annotate`):
   overhead      head-scale steering time / plain generation time: the same prompt and seed, runs
                 interleaved (order alternating), medians after a warm-up of each; also a trace with no
                 hook, to tell the processors' own cost from the steering's.
-  polysemy      "a large rose square in the center" (colour sense of rose / orange): rate the unwanted
-                sense (the rose / orange glyph) is drawn and the wanted one (a rose-coloured square),
-                baseline vs the word adjusted by +color,-shape (a=2, b=1). Then the other way round, as a
-                check that the heads control the sense at all: colour-sense prompts pushed to +shape,-color
-                and object-sense prompts ("a large rose on the left") pushed to +color,-shape.
+  polysemy      colour sense of rose / orange: rate the unwanted sense (the rose / orange glyph) is drawn
+                and the wanted one (a rose-coloured square), baseline vs the word adjusted by +color,-shape
+                (a=2, b=1), on two prompt sets:
+                  trained   "a large rose square in the center": the phrasing of the training captions;
+                  end-word  "a square in rose", "a small star colored orange": the colour word ends the
+                            prompt, a phrasing training never used, where the model often draws the glyph.
+                On the end-word set also a=3, and two controls: the same adjusting with the heads'
+                factors shuffled (a fixed random permutation per prompt) and the word pushed the other way
+                (+shape,-color). Object-sense prompts ("a large rose on the left") pushed to +color,-shape
+                check the other direction.
   neglect       "a red circle and a blue square": rate that both objects appear (and with the right
                 colours), plain vs (a) Attend-and-Excite, (b) A&E-HRV, (c) HRV head reweighting,
                 diffusers' StableDiffusionAttendAndExcitePipeline; seconds per image each.
@@ -24,8 +29,13 @@ shapes annotator, `headscope.shapes.annotate`):
                 success = the target attribute is on the largest object; preservation = IoU of the
                 source and edited object masks, and the share of background pixels left unchanged;
                 P2P vs P2P-HRV (swapped word strengthened by its concept's HRV).
-  strengthening single objects at low guidance: colour and shape accuracy without and with the colour
-                and shape words strengthened by their concepts' HRVs.
+  strengthening (1) single objects at low guidance: colour and shape accuracy without and with the
+                colour and shape words strengthened by their concepts' HRVs; (2) where the model is weak,
+                the end-word polysemy prompts ("a square in rose"): colour accuracy (the shape drawn in
+                the colour) with the colour word x HRV_color at s = 1 (the paper) and s = 2, against two
+                controls at s = 2: the colour HRV's factors shuffled over heads, and the shape HRV.
+Every task keeps its per-prompt records; differences from the baseline on the same prompts and seeds come
+with an exact McNemar test (two-sided binomial test on the discordant pairs).
 Results are printed as a table and written atomically to benchmarks/results/steering.json.
 """
 from __future__ import annotations
@@ -136,6 +146,7 @@ class Context:
         from headscope.steer import max_length
 
         self.max_tokens = max_length(pipe)
+        self._plain: dict = {}
 
     def fits(self, prompt: str) -> bool:
         """Whether the prompt fits the text encoder (the tiny tokenizer spells unknown words letter by letter)."""
@@ -156,6 +167,13 @@ class Context:
         else:
             image = self.pipe(prompt, **self.call(seed, guidance)).images[0]
         return image, time.perf_counter() - started
+
+    def plain(self, prompt: str, seed: int, guidance: float | None = None):
+        """The plain image of (prompt, seed, guidance), generated once per run (tasks share baselines)."""
+        key = (prompt, seed, self.guidance if guidance is None else guidance)
+        if key not in self._plain:
+            self._plain[key] = self.generate(prompt, seed, None, guidance)[0]
+        return self._plain[key]
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -198,6 +216,27 @@ def polysemy_scenes(context: Context) -> list:
     candidates = [single_scene(shape, word, size, position) for word in POLYSEMOUS for shape in GEOMETRIC
                   for size in SIZES for position in POSITIONS]
     return pick(context, candidates, 1)
+
+
+END_WORD_TEMPLATES = ("a {shape} in {word}", "a {shape} colored {word}", "a {size} {shape} in {word}",
+                      "a {size} {shape} colored {word}")
+
+
+def end_word_scenes(context: Context) -> list:
+    """'a square in rose', 'a small star colored orange': the polysemous colour word ends the prompt."""
+    from headscope.shapes.world import GEOMETRIC, POLYSEMOUS, ObjectSpec, Scene
+
+    candidates = []
+    for template in END_WORD_TEMPLATES:
+        sizes = ("small", "large") if "{size}" in template else (None,)
+        for word in POLYSEMOUS:
+            for shape in GEOMETRIC:
+                for size in sizes:
+                    obj = ObjectSpec(shape=shape, color=word, size=size or "large", position="center")
+                    caption = template.format(shape=shape, word=word, size=size)
+                    candidates.append(Scene([obj], caption, "single", {"size": size is not None, "color": True,
+                                                                       "fill": True, "position": False}))
+    return pick(context, candidates, 7)
 
 
 def pair_scenes(context: Context) -> list:
@@ -258,35 +297,69 @@ def task_overhead(context: Context) -> dict:
 
 
 def task_polysemy(context: Context) -> dict:
+    from headscope.steer import adjust_factors
+
+    color, shape = context.hrv.vector("color"), context.hrv.vector("shape")
+    adjusted, pushed = adjust_factors(color, shape), adjust_factors(shape, color)
+    result, records = {"adjust": "+color,-shape a=2 b=1"}, {}
+    trained = {"baseline": None, "adjusted": adjusted, "pushed_to_shape": pushed}
+    end_word = {**trained, "adjusted_a3": adjust_factors(color, shape, a=3.0),
+                "adjusted_shuffled_heads": lambda number: adjusted[_permutation(len(adjusted), number)]}
+    object_sense = {"baseline": None, "adjusted": adjusted}  # the object sense, pushed towards the colour
+    for name, scenes, variants, salt in (("trained", polysemy_scenes(context), trained, 1000),
+                                         ("end_word", end_word_scenes(context), end_word, 5000),
+                                         ("object_sense", object_sense_scenes(context), object_sense, 3000)):
+        records[name] = _sense_records(context, scenes, variants, salt)
+        result.update(_summarise(name, records[name], variants, ("unwanted_sense", "wanted_sense")))
+    result["records"] = records
+    return result
+
+
+def _permutation(n: int, number: int) -> torch.Tensor:
+    """A fixed random order of n heads for prompt `number` (the shuffled-heads controls)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(number))
+
+
+def _sense_records(context: Context, scenes: list, variants: dict, salt: int) -> list[dict]:
+    """Per prompt: which sense of its polysemous word each variant drew, and whether the colour is right.
+
+    `variants` maps a name to None (plain generation), to per-head factors for the word, or to a function
+    of the prompt number returning them.
+    """
     from headscope.shapes.annotate import annotate, score_scene
     from headscope.shapes.world import POLYSEMOUS
-    from headscope.steer import adjust_hook
+    from headscope.steer import HeadScale
 
-    def run(scenes, desired, undesired, salt, baseline=True):
-        rates = {"baseline": [], "adjusted": []} if baseline else {"adjusted": []}
-        for number, scene in enumerate(scenes):
-            word = scene.objects[0].color if scene.objects[0].shape not in POLYSEMOUS else scene.objects[0].shape
-            hook = adjust_hook(context.pipe, scene.caption, {word: (desired, undesired)}, hrv=context.hrv)
-            for kind, hooks in (("baseline", None), ("adjusted", [hook])):
-                if kind in rates:
-                    image, _ = context.generate(scene.caption, salt + number, hooks)
-                    rates[kind].append(score_scene(scene, annotate(image))["polysemy"])
-        return {kind: {"unwanted_sense": _rate(p["unwanted_sense"] for p in records),
-                       "wanted_sense": _rate(p["wanted_sense"] for p in records), "n": len(records)}
-                for kind, records in rates.items()}
+    records = []
+    for number, scene in enumerate(scenes):
+        obj, seed = scene.objects[0], salt + number
+        word = obj.shape if obj.shape in POLYSEMOUS else obj.color
+        row = {"caption": scene.caption, "seed": seed, "word": word}
+        for name, factors in variants.items():
+            if factors is None:
+                image = context.plain(scene.caption, seed)
+            else:
+                factors = factors(number) if callable(factors) else factors
+                hook = HeadScale.for_words(context.pipe, scene.caption, {word: factors})
+                image = context.generate(scene.caption, seed, [hook])[0]
+            sense = score_scene(scene, annotate(image))["polysemy"]
+            row[name] = {"unwanted_sense": bool(sense["unwanted_sense"]), "wanted_sense": bool(sense["wanted_sense"])}
+        records.append(row)
+    return records
 
-    scenes = polysemy_scenes(context)
-    result = {"n": len(scenes), "adjust": "+color,-shape a=2 b=1", **run(scenes, "color", "shape", 1000)}
-    # The other way round: does pushing the word's heads towards the other concept flip the sense drawn?
-    pushed = run(scenes, "shape", "color", 1000, baseline=False)  # same prompts and seeds: same baseline
-    result["colour_sense_pushed_to_shape"] = {"glyph_drawn": pushed["adjusted"]["unwanted_sense"],
-                                              "glyph_drawn_baseline": result["baseline"]["unwanted_sense"],
-                                              "n": pushed["adjusted"]["n"]}
-    pulled = run(object_sense_scenes(context), "color", "shape", 3000)
-    result["object_sense_pushed_to_color"] = {"glyph_missing": pulled["adjusted"]["unwanted_sense"],
-                                              "glyph_missing_baseline": pulled["baseline"]["unwanted_sense"],
-                                              "n": pulled["adjusted"]["n"]}
-    return result
+
+def _summarise(name: str, records: list[dict], variants, metrics) -> dict:
+    """{'name/variant': rates of each metric, n, and McNemar against the first variant (the baseline)}."""
+    variants = list(variants)
+    summary = {}
+    for variant in variants:
+        values = {metric: [row[variant][metric] for row in records] for metric in metrics}
+        summary[f"{name}/{variant}"] = {**{metric: _rate(v) for metric, v in values.items()}, "n": len(records)}
+        if variant != variants[0]:
+            for metric in metrics:
+                summary[f"{name}/{variant}"][f"{metric} vs {variants[0]}"] = _paired(
+                    [row[variants[0]][metric] for row in records], values[metric])
+    return summary
 
 
 def object_sense_scenes(context: Context) -> list:
@@ -322,19 +395,21 @@ def _neglect_image(context: Context, method: str, caption: str, subjects: dict, 
 def task_neglect(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
 
-    records = {method: [] for method in NEGLECT_METHODS}
-    seconds = {method: [] for method in NEGLECT_METHODS}
+    records, seconds = [], {method: [] for method in NEGLECT_METHODS}
     for number, scene in enumerate(pair_scenes(context)):
         subjects = {obj.shape: "shape" for obj in scene.objects}
+        row = {"caption": scene.caption, "seed": 1000 + number}
         for method in NEGLECT_METHODS:
             started = time.perf_counter()
             image = _neglect_image(context, method, scene.caption, subjects, 1000 + number)
             seconds[method].append(time.perf_counter() - started)
-            records[method].append(score_scene(scene, annotate(image)))
-    return {"n": len(records["plain"]), **{method: {
-        "both_present": _rate(r["both_present"] for r in records[method]),
-        "both_correct": _rate(r["both_correct"] for r in records[method]),
-        "seconds_per_image": round(statistics.mean(seconds[method]), 4)} for method in NEGLECT_METHODS}}
+            score = score_scene(scene, annotate(image))
+            row[method] = {"both_present": bool(score["both_present"]), "both_correct": bool(score["both_correct"])}
+        records.append(row)
+    result = {"n": len(records), **_summarise("neglect", records, NEGLECT_METHODS, ("both_present", "both_correct"))}
+    for method in NEGLECT_METHODS:
+        result[f"neglect/{method}"]["seconds_per_image"] = round(statistics.mean(seconds[method]), 4)
+    return {**result, "records": records}
 
 
 def crowded_prompts(context: Context) -> list[tuple[str, list[str]]]:
@@ -356,20 +431,23 @@ def crowded_prompts(context: Context) -> list[tuple[str, list[str]]]:
 def task_crowded(context: Context) -> dict:
     from headscope.shapes.annotate import annotate
 
-    present = {method: [] for method in CROWDED_METHODS}
-    seconds = {method: [] for method in CROWDED_METHODS}
+    records, seconds = [], {method: [] for method in CROWDED_METHODS}
     for number, (caption, shapes) in enumerate(crowded_prompts(context)):
         subjects = {shape: "shape" for shape in shapes}
+        row = {"caption": caption, "seed": 2000 + number}
         for method in CROWDED_METHODS:
             started = time.perf_counter()
             image = _neglect_image(context, method, caption, subjects, 2000 + number)
             seconds[method].append(time.perf_counter() - started)
             found = {obj.shape for obj in annotate(image)}
-            present[method].append(sum(shape in found for shape in shapes))
-    return {"n": len(present["plain"]), **{method: {
-        "all_three_present": _rate(count == 3 for count in present[method]),
-        "mean_present": _rate(present[method]),
-        "seconds_per_image": round(statistics.mean(seconds[method]), 4)} for method in CROWDED_METHODS}}
+            count = sum(shape in found for shape in shapes)
+            row[method] = {"present": count, "all_three_present": count == 3}
+        records.append(row)
+    result = {"n": len(records), **_summarise("crowded", records, CROWDED_METHODS, ("all_three_present",))}
+    for method in CROWDED_METHODS:
+        result[f"crowded/{method}"]["mean_present"] = _rate(row[method]["present"] for row in records)
+        result[f"crowded/{method}"]["seconds_per_image"] = round(statistics.mean(seconds[method]), 4)
+    return {**result, "records": records}
 
 
 def task_editing(context: Context) -> dict:
@@ -386,30 +464,52 @@ def task_editing(context: Context) -> dict:
             source_objects, edited_objects = annotate(source_image), annotate(edited_image)
             score = score_scene(target, edited_objects)
             results.setdefault(f"{method}/{kind}", []).append({
+                "caption": source.caption, "target": target.caption, "seed": 1000 + number,
                 "success": bool(score[kind]),
                 "mask_iou": _mask_iou(source_objects, edited_objects),
                 "background_unchanged": _background_unchanged(source_image, edited_image, source_objects,
                                                               edited_objects)})
-    return {key: {"n": len(rows), "success": _rate(r["success"] for r in rows),
-                  "mask_iou": _rate(r["mask_iou"] for r in rows),
-                  "background_unchanged": _rate(r["background_unchanged"] for r in rows)}
-            for key, rows in sorted(results.items())}
+    summary = {key: {"n": len(rows), "success": _rate(r["success"] for r in rows),
+                     "mask_iou": _rate(r["mask_iou"] for r in rows),
+                     "background_unchanged": _rate(r["background_unchanged"] for r in rows)}
+               for key, rows in sorted(results.items())}
+    for kind in ("color", "shape"):
+        if f"p2p-hrv/{kind}" in results:
+            summary[f"p2p-hrv/{kind}"]["success vs p2p"] = _paired(
+                [r["success"] for r in results[f"p2p/{kind}"]], [r["success"] for r in results[f"p2p-hrv/{kind}"]])
+    return {**summary, "records": results}
 
 
 def task_strengthening(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
-    from headscope.steer import strengthen_hook
+    from headscope.steer import strengthen_factors, strengthen_hook
 
-    rows = {"baseline": [], "strengthened": []}
+    # (1) one object at low guidance: is any one-object setting weak enough to need help?
+    records = []
     for number, scene in enumerate(single_scenes(context, 4)):
         obj = scene.objects[0]
         hook = strengthen_hook(context.pipe, scene.caption, {obj.color: "color", obj.shape: "shape"}, hrv=context.hrv)
+        row = {"caption": scene.caption, "seed": 1000 + number}
         for kind, hooks in (("baseline", None), ("strengthened", [hook])):
             image, _ = context.generate(scene.caption, 1000 + number, hooks, guidance=context.args.low_guidance)
-            rows[kind].append(score_scene(scene, annotate(image)))
-    return {"n": len(rows["baseline"]), "guidance": context.args.low_guidance,
-            **{kind: {"color": _rate(r["color"] for r in records), "shape": _rate(r["shape"] for r in records)}
-               for kind, records in rows.items()}}
+            score = score_scene(scene, annotate(image))
+            row[kind] = {"color": bool(score["color"]), "shape": bool(score["shape"])}
+        records.append(row)
+    result = {"guidance": context.args.low_guidance,
+              **_summarise("low_guidance", records, ("baseline", "strengthened"), ("color", "shape"))}
+    # (2) where the model is weak: the colour sense of a polysemous word that ends the prompt
+    color, shape = context.hrv.vector("color"), context.hrv.vector("shape")
+    variants = {"baseline": None, "color_s1": strengthen_factors(color, 1.0), "color_s2": strengthen_factors(color, 2.0),
+                "color_s2_shuffled_heads": lambda number: strengthen_factors(color, 2.0)[
+                    _permutation(len(color), number)],
+                "shape_hrv_s2": strengthen_factors(shape, 2.0)}
+    weak = _sense_records(context, end_word_scenes(context), variants, 5000)
+    for row in weak:
+        for variant in variants:
+            row[variant]["colour_right"] = row[variant].pop("wanted_sense")
+            row[variant]["glyph_drawn"] = row[variant].pop("unwanted_sense")
+    result.update(_summarise("end_word", weak, variants, ("colour_right", "glyph_drawn")))
+    return {**result, "records": {"low_guidance": records, "end_word": weak}}
 
 
 def task_binding(context: Context) -> dict:
@@ -417,16 +517,19 @@ def task_binding(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
     from headscope.steer import strengthen_hook
 
-    rows = {"baseline": [], "strengthened": []}
+    records = []
     for number, scene in enumerate(pair_scenes(context)):
         hook = strengthen_hook(context.pipe, scene.caption, {obj.color: "color" for obj in scene.objects},
                                hrv=context.hrv)
+        row = {"caption": scene.caption, "seed": 1000 + number}
         for kind, hooks in (("baseline", None), ("strengthened", [hook])):
-            image, _ = context.generate(scene.caption, 1000 + number, hooks)
-            rows[kind].append(score_scene(scene, annotate(image)))
-    return {"n": len(rows["baseline"]), **{kind: {
-        "both_present": _rate(r["both_present"] for r in records),
-        "both_correct": _rate(r["both_correct"] for r in records)} for kind, records in rows.items()}}
+            image = context.plain(scene.caption, 1000 + number) if hooks is None else \
+                context.generate(scene.caption, 1000 + number, hooks)[0]
+            score = score_scene(scene, annotate(image))
+            row[kind] = {"both_present": bool(score["both_present"]), "both_correct": bool(score["both_correct"])}
+        records.append(row)
+    return {**_summarise("binding", records, ("baseline", "strengthened"), ("both_present", "both_correct")),
+            "records": records}
 
 
 RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "crowded": task_crowded,
@@ -438,6 +541,21 @@ RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task
 def _rate(values) -> float | None:
     values = [float(value) for value in values if value is not None]
     return round(float(np.mean(values)), 4) if values else None
+
+
+def _paired(baseline, variant) -> dict:
+    """Exact McNemar test of two paired lists of booleans (same prompts and seeds).
+
+    baseline_only / variant_only count the prompts where only one of the two is true; p is the two-sided
+    binomial test of those discordant pairs against 1/2 (1.0 when there are none).
+    """
+    from scipy.stats import binomtest
+
+    baseline_only = sum(bool(b) and not bool(v) for b, v in zip(baseline, variant))
+    variant_only = sum(bool(v) and not bool(b) for b, v in zip(baseline, variant))
+    discordant = baseline_only + variant_only
+    p = binomtest(variant_only, discordant, 0.5).pvalue if discordant else 1.0
+    return {"baseline_only": baseline_only, "variant_only": variant_only, "p": round(float(p), 4)}
 
 
 def _mask_iou(source_objects, edited_objects) -> float | None:
@@ -468,22 +586,26 @@ def _background_unchanged(source_image, edited_image, source_objects, edited_obj
 def table(result: dict) -> str:
     lines = [f"steering benchmark — {result['model']}, HRV {result['hrv']}, {result['steps']} steps, guidance "
              f"{result['guidance']}, device {result['device']}, {result['threads']} threads",
-             f"{'task':<14}{'variant':<30}{'metric':<26}{'value':>10}{'n':>6}"]
+             f"{'task':<14}{'variant':<34}{'metric':<30}{'value':>16}{'n':>6}"]
     for task, values in result["tasks"].items():
         n = values.get("n", "")
         for variant, metrics in values.items():
+            if variant == "records":
+                continue
             if isinstance(metrics, dict):
                 for metric, value in metrics.items():
                     if metric != "n":
-                        lines.append(f"{task:<14}{variant:<30}{metric:<26}{_show(value):>10}{metrics.get('n', n):>6}")
+                        lines.append(f"{task:<14}{variant:<34}{metric:<30}{_show(value):>16}{metrics.get('n', n):>6}")
             elif variant not in ("n", "prompt", "adjust", "guidance", "repeats"):
-                lines.append(f"{task:<14}{'':<30}{variant:<26}{_show(metrics):>10}{n:>6}")
+                lines.append(f"{task:<14}{'':<34}{variant:<30}{_show(metrics):>16}{n:>6}")
     return "\n".join(lines)
 
 
 def _show(value) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, dict):  # a paired test: prompts only the baseline had : only the variant had, p
+        return f"{value['baseline_only']}:{value['variant_only']} p={value['p']:.3f}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
