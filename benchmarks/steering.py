@@ -36,7 +36,8 @@ shapes annotator, `headscope.shapes.annotate`):
                 controls at s = 2: the colour HRV's factors shuffled over heads, and the shape HRV.
 Every task keeps its per-prompt records; differences from the baseline on the same prompts and seeds come
 with an exact McNemar test (two-sided binomial test on the discordant pairs).
-Results are printed as a table and written atomically to benchmarks/results/steering.json.
+Results are printed as a table and written atomically to benchmarks/results/steering.json; with
+--images DIR, a contact sheet per prompt set (its first prompts, one column per variant) goes to DIR.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening
 NEGLECT_METHODS = ("plain", "ae", "ae-hrv", "heads", "diffusers-ae")
 CROWDED_METHODS = ("plain", "ae", "ae-hrv", "heads")
 PLAIN_COLORS = ("red", "green", "blue", "yellow", "purple", "white")
+SHEET_ROWS = 8  # prompts per contact sheet (--images)
 BACKGROUND_TOLERANCE = 16  # a background pixel is unchanged when no channel moved by more than this (0-255)
 
 
@@ -81,6 +83,14 @@ def main(argv=None) -> None:
         result["tasks"][task] = RUNNERS[task](context)
         result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - started, 2)
     print(table(result))
+    for name, rows in context.sheets.items():
+        from headscope.viz import save_figure
+
+        import matplotlib.pyplot as plt
+
+        figure = contact_sheet(name, rows)
+        print(f"wrote {save_figure(figure, Path(args.images) / (name.replace('/', '-') + '.png'))}", file=sys.stderr)
+        plt.close(figure)
     print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
@@ -99,6 +109,8 @@ def parse_args(argv):
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help=f"also write a contact sheet of each prompt set's first {SHEET_ROWS} prompts here")
     args = parser.parse_args(argv)
     if args.n_prompts is None:
         args.n_prompts = 4 if args.tiny else 50
@@ -147,6 +159,15 @@ class Context:
 
         self.max_tokens = max_length(pipe)
         self._plain: dict = {}
+        self.sheets: dict[str, dict[str, dict]] = {}  # prompt set -> row label -> variant -> image
+
+    def keep(self, sheet: str, row: str, variant: str, image) -> None:
+        """Remember an image for the contact sheet of `sheet` (with --images; its first SHEET_ROWS rows)."""
+        if not self.args.images:
+            return
+        rows = self.sheets.setdefault(sheet, {})
+        if row in rows or len(rows) < SHEET_ROWS:
+            rows.setdefault(row, {})[variant] = image
 
     def fits(self, prompt: str) -> bool:
         """Whether the prompt fits the text encoder (the tiny tokenizer spells unknown words letter by letter)."""
@@ -309,7 +330,7 @@ def task_polysemy(context: Context) -> dict:
     for name, scenes, variants, salt in (("trained", polysemy_scenes(context), trained, 1000),
                                          ("end_word", end_word_scenes(context), end_word, 5000),
                                          ("object_sense", object_sense_scenes(context), object_sense, 3000)):
-        records[name] = _sense_records(context, scenes, variants, salt)
+        records[name] = _sense_records(context, scenes, variants, salt, f"polysemy/{name}")
         result.update(_summarise(name, records[name], variants, ("unwanted_sense", "wanted_sense")))
     result["records"] = records
     return result
@@ -320,7 +341,7 @@ def _permutation(n: int, number: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(number))
 
 
-def _sense_records(context: Context, scenes: list, variants: dict, salt: int) -> list[dict]:
+def _sense_records(context: Context, scenes: list, variants: dict, salt: int, sheet: str) -> list[dict]:
     """Per prompt: which sense of its polysemous word each variant drew, and whether the colour is right.
 
     `variants` maps a name to None (plain generation), to per-head factors for the word, or to a function
@@ -342,6 +363,7 @@ def _sense_records(context: Context, scenes: list, variants: dict, salt: int) ->
                 factors = factors(number) if callable(factors) else factors
                 hook = HeadScale.for_words(context.pipe, scene.caption, {word: factors})
                 image = context.generate(scene.caption, seed, [hook])[0]
+            context.keep(sheet, f"{scene.caption} (seed {seed})", name, image)
             sense = score_scene(scene, annotate(image))["polysemy"]
             row[name] = {"unwanted_sense": bool(sense["unwanted_sense"]), "wanted_sense": bool(sense["wanted_sense"])}
         records.append(row)
@@ -403,6 +425,7 @@ def task_neglect(context: Context) -> dict:
             started = time.perf_counter()
             image = _neglect_image(context, method, scene.caption, subjects, 1000 + number)
             seconds[method].append(time.perf_counter() - started)
+            context.keep("neglect", f"{scene.caption} (seed {1000 + number})", method, image)
             score = score_scene(scene, annotate(image))
             row[method] = {"both_present": bool(score["both_present"]), "both_correct": bool(score["both_correct"])}
         records.append(row)
@@ -439,6 +462,7 @@ def task_crowded(context: Context) -> dict:
             started = time.perf_counter()
             image = _neglect_image(context, method, caption, subjects, 2000 + number)
             seconds[method].append(time.perf_counter() - started)
+            context.keep("crowded", f"{caption} (seed {2000 + number})", method, image)
             found = {obj.shape for obj in annotate(image)}
             count = sum(shape in found for shape in shapes)
             row[method] = {"present": count, "all_three_present": count == 3}
@@ -462,6 +486,9 @@ def task_editing(context: Context) -> dict:
                            guidance_scale=context.guidance)
             source_image, edited_image = outcome.source[0], outcome.edited[0]
             source_objects, edited_objects = annotate(source_image), annotate(edited_image)
+            label = f"{source.caption} -> {target.caption} (seed {1000 + number})"
+            context.keep(f"editing/{kind}", label, "source", source_image)
+            context.keep(f"editing/{kind}", label, method, edited_image)
             score = score_scene(target, edited_objects)
             results.setdefault(f"{method}/{kind}", []).append({
                 "caption": source.caption, "target": target.caption, "seed": 1000 + number,
@@ -492,6 +519,7 @@ def task_strengthening(context: Context) -> dict:
         row = {"caption": scene.caption, "seed": 1000 + number}
         for kind, hooks in (("baseline", None), ("strengthened", [hook])):
             image, _ = context.generate(scene.caption, 1000 + number, hooks, guidance=context.args.low_guidance)
+            context.keep("strengthening/low_guidance", f"{scene.caption} (seed {1000 + number})", kind, image)
             score = score_scene(scene, annotate(image))
             row[kind] = {"color": bool(score["color"]), "shape": bool(score["shape"])}
         records.append(row)
@@ -503,7 +531,7 @@ def task_strengthening(context: Context) -> dict:
                 "color_s2_shuffled_heads": lambda number: strengthen_factors(color, 2.0)[
                     _permutation(len(color), number)],
                 "shape_hrv_s2": strengthen_factors(shape, 2.0)}
-    weak = _sense_records(context, end_word_scenes(context), variants, 5000)
+    weak = _sense_records(context, end_word_scenes(context), variants, 5000, "strengthening/end_word")
     for row in weak:
         for variant in variants:
             row[variant]["colour_right"] = row[variant].pop("wanted_sense")
@@ -525,6 +553,7 @@ def task_binding(context: Context) -> dict:
         for kind, hooks in (("baseline", None), ("strengthened", [hook])):
             image = context.plain(scene.caption, 1000 + number) if hooks is None else \
                 context.generate(scene.caption, 1000 + number, hooks)[0]
+            context.keep("binding", f"{scene.caption} (seed {1000 + number})", kind, image)
             score = score_scene(scene, annotate(image))
             row[kind] = {"both_present": bool(score["both_present"]), "both_correct": bool(score["both_correct"])}
         records.append(row)
@@ -534,6 +563,28 @@ def task_binding(context: Context) -> dict:
 
 RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "crowded": task_crowded,
            "editing": task_editing, "strengthening": task_strengthening, "binding": task_binding}
+
+
+def contact_sheet(name: str, rows: dict[str, dict]):
+    """A figure: one row per prompt (its caption and seed on the left), one column per variant."""
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(variant for images in rows.values() for variant in images))
+    figure, axes = plt.subplots(len(rows), len(variants), figsize=(1.6 * len(variants) + 2.2, 1.6 * len(rows)),
+                                squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, variant in enumerate(variants):
+            axis = axes[r][c]
+            axis.set_xticks([]), axis.set_yticks([])
+            if variant in images:
+                axis.imshow(images[variant])
+            if r == 0:
+                axis.set_title(variant, fontsize=8)
+        axes[r][0].set_ylabel(label.replace(" (seed", "\n(seed").replace(" -> ", "\n-> "), fontsize=7,
+                              rotation=0, ha="right", va="center")
+    figure.suptitle(f"steering benchmark: {name}", fontsize=9)
+    figure.tight_layout()
+    return figure
 
 
 # -- scoring helpers ------------------------------------------------------------------------------

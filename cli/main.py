@@ -35,8 +35,8 @@ Examples:
   headscope edit "a red circle and a blue square" "a green circle and a blue square" --concept color
 """
 STEER_EXAMPLES = """\b
-  headscope generate "a large rose square in the center" --adjust rose=+color,-shape
-  headscope generate "a large rose square in the center" --adjust rose=+color,-shape --adjust-clamp 9
+  headscope generate "a square in rose" --adjust rose=+color,-shape
+  headscope generate "a square in rose" --adjust rose=+color,-shape --adjust-clamp 9
   headscope generate "a red circle and a blue square" --mitigate-neglect ae-hrv --subjects circle,square
   headscope generate "a small green star" --strengthen green=color:1.5 --steer-steps 0:0.5
 """

@@ -16,7 +16,8 @@ def _load():
 def test_the_steering_benchmark_runs_every_task_on_a_tiny_pipeline(tmp_path, capsys):
     benchmark = _load()
     out = tmp_path / "steering.json"
-    benchmark.main(["--tiny", "--n-prompts", "1", "--repeats", "1", "--steps", "2", "--out", str(out)])
+    benchmark.main(["--tiny", "--n-prompts", "1", "--repeats", "1", "--steps", "2", "--out", str(out),
+                    "--images", str(tmp_path / "sheets")])
     result = json.loads(out.read_text())
     assert list(result["tasks"]) == list(benchmark.TASKS)
     assert result["tasks"]["overhead"]["ratio"] > 0
@@ -28,6 +29,8 @@ def test_the_steering_benchmark_runs_every_task_on_a_tiny_pipeline(tmp_path, cap
     assert "colour_right vs baseline" in tasks["strengthening"]["end_word/color_s2"]
     assert len(tasks["strengthening"]["records"]["end_word"]) == 1
     assert sorted(tasks["editing"]) == ["p2p-hrv/color", "p2p/color", "records", "wall_seconds"]
+    sheets = {path.name for path in (tmp_path / "sheets").glob("*.png")}
+    assert {"polysemy-end_word.png", "neglect.png", "editing-color.png", "strengthening-end_word.png"} <= sheets
     assert not list(tmp_path.glob("*.tmp"))
     assert "neglect" in capsys.readouterr().out
 
