@@ -13,8 +13,9 @@ shapes annotator, `headscope.shapes.annotate`):
                 and the wanted one (a rose-coloured square), baseline vs the word adjusted by +color,-shape
                 (a=2, b=1), on two prompt sets:
                   trained   "a large rose square in the center": the phrasing of the training captions;
-                  end-word  "a square in rose", "a small star colored orange": the colour word ends the
-                            prompt, a phrasing training never used, where the model often draws the glyph.
+                  end-word  "a square in rose", "a star painted rose": the colour word ends the prompt, a
+                            phrasing training never used, where the model often draws the rose glyph
+                            (24 captions, each with several seeds; chosen on a pilot with other seeds).
                 On the end-word set also a=3, and two controls: the same adjusting with the heads'
                 factors shuffled (a fixed random permutation per prompt) and the word pushed the other way
                 (+shape,-color). Object-sense prompts ("a large rose on the left") pushed to +color,-shape
@@ -239,25 +240,29 @@ def polysemy_scenes(context: Context) -> list:
     return pick(context, candidates, 1)
 
 
-END_WORD_TEMPLATES = ("a {shape} in {word}", "a {shape} colored {word}", "a {size} {shape} in {word}",
-                      "a {size} {shape} colored {word}")
+END_WORD_TEMPLATES = ("{a} {shape} in rose", "{a} {shape} colored rose", "{a} {shape} painted rose", "one {shape} in rose")
 
 
 def end_word_scenes(context: Context) -> list:
-    """'a square in rose', 'a small star colored orange': the polysemous colour word ends the prompt."""
-    from headscope.shapes.world import GEOMETRIC, POLYSEMOUS, ObjectSpec, Scene
+    """'a square in rose', 'a star painted rose': the colour word 'rose' ends the prompt.
 
-    candidates = []
-    for template in END_WORD_TEMPLATES:
-        sizes = ("small", "large") if "{size}" in template else (None,)
-        for word in POLYSEMOUS:
-            for shape in GEOMETRIC:
-                for size in sizes:
-                    obj = ObjectSpec(shape=shape, color=word, size=size or "large", position="center")
-                    caption = template.format(shape=shape, word=word, size=size)
-                    candidates.append(Scene([obj], caption, "single", {"size": size is not None, "color": True,
-                                                                       "fill": True, "position": False}))
-    return pick(context, candidates, 7)
+    The set was chosen on a pilot with other seeds (7000-7003): with the colour word last the model drew
+    the rose glyph in 0.33 of the images for 'rose' but 0.02 for 'orange', and 0.00-0.11 with 'in the
+    color rose', 'that is rose' or 'the ... in rose' (a size word before the shape also lowers it).
+    There are 24 captions; each comes back with another seed until the set has n_prompts prompts.
+    """
+    from headscope.shapes.world import GEOMETRIC, ObjectSpec, Scene, article
+
+    captions = [template.format(a=article(shape), shape=shape) for template in END_WORD_TEMPLATES
+                for shape in GEOMETRIC]
+    scenes = [Scene([ObjectSpec(shape=caption.split()[1], color="rose", size="large", position="center")], caption,
+                    "single", {"size": False, "color": True, "fill": True, "position": False}) for caption in captions]
+    fitting, chosen = [scene for scene in scenes if context.fits(scene.caption)], []
+    for repeat in range(-(-context.args.n_prompts // max(1, len(fitting)))):  # every caption once per round
+        block = list(fitting)
+        random.Random(7 + repeat).shuffle(block)
+        chosen += block
+    return chosen[:context.args.n_prompts]
 
 
 def pair_scenes(context: Context) -> list:
