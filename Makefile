@@ -39,7 +39,8 @@ bench: install-test
 	$(BIN)/python benchmarks/vae_reconstruction.py
 	$(BIN)/python benchmarks/hrv_build.py
 	$(BIN)/python benchmarks/weakening.py
-	$(BIN)/python benchmarks/steering.py --repeats 15 --tasks overhead polysemy neglect crowded editing strengthening --images $(OUT)/steering-sheets
+	$(BIN)/python benchmarks/steering.py --tasks overhead --repeats 40 --out benchmarks/results/steering_overhead.json
+	$(BIN)/python benchmarks/steering.py --tasks polysemy neglect crowded editing strengthening --images $(OUT)/steering-sheets
 	$(BIN)/python benchmarks/steering.py --tasks binding --out benchmarks/results/steering_binding.json
 	$(BIN)/python benchmarks/steering.py --tasks neglect --n-prompts 100 --out benchmarks/results/steering_neglect100.json
 

@@ -316,10 +316,14 @@ def task_overhead(context: Context) -> dict:
         for kind in order:
             times[kind].append(context.generate(prompt, 0, hooks[kind])[1])
     median = {kind: statistics.median(values) for kind, values in times.items()}
-    pairwise = statistics.median(s / p for s, p in zip(times["steered"], times["plain"]))
+    pairwise = [s / p for s, p in zip(times["steered"], times["plain"])]
+    quartiles = np.percentile(pairwise, [25, 75]) if len(pairwise) > 1 else [pairwise[0]] * 2
     return {"prompt": prompt, "repeats": context.args.repeats, "plain_s": round(median["plain"], 4),
             "steered_s": round(median["steered"], 4), "traced_no_steering_s": round(median["traced"], 4),
-            "ratio": round(median["steered"] / median["plain"], 4), "pairwise_ratio_median": round(pairwise, 4)}
+            "ratio": round(median["steered"] / median["plain"], 4),
+            "traced_no_steering_ratio": round(median["traced"] / median["plain"], 4),
+            "pairwise_ratio_median": round(statistics.median(pairwise), 4),
+            "pairwise_ratio_quartiles": [round(float(q), 4) for q in quartiles]}
 
 
 def task_polysemy(context: Context) -> dict:

@@ -219,9 +219,10 @@ class HeadProcessor:
         hooks = self.hooks.items
         factors = _combined_factors((hook.value_factors(ctx) for hook in hooks), value.device)  # [batch|1, heads, key]
         if factors is not None:
-            # Scaled in the projection's [batch, key, heads, dim] layout so that SDPA sees the strides it
-            # sees without steering (a contiguous [batch, heads, key, dim] value can take another kernel).
-            value = (value.transpose(1, 2) * factors.to(value.dtype).transpose(1, 2)[..., None]).transpose(1, 2)
+            # Elementwise ops keep the input's memory layout, so SDPA sees the strides it sees without
+            # steering (the projection's [batch, key, heads, dim] layout; a contiguous value can take
+            # another kernel). tests/test_steer.py checks the strides.
+            value = value * factors.to(value.dtype)[..., None]
         readers = [hook for hook in hooks if hook.wants_probs(ctx)]
         editors = [hook for hook in hooks if hook.edits_probs(ctx)]
         if editors:
@@ -383,7 +384,8 @@ def _combined_factors(factor_list, device: torch.device) -> torch.Tensor | None:
     combined = None
     for factors in factor_list:
         if factors is not None:
-            factors = factors.to(device=device, dtype=torch.float32)
+            if factors.device != device or factors.dtype != torch.float32:
+                factors = factors.to(device=device, dtype=torch.float32)
             combined = factors if combined is None else combined * factors
     return combined
 

@@ -73,6 +73,22 @@ def test_head_scale_never_materialises_probabilities(tiny_sd, hrv, monkeypatch):
     assert calls == []
 
 
+def test_scaled_values_reach_fused_attention_with_the_strides_of_plain_values(tiny_sd, hrv, monkeypatch):
+    seen = []
+    original = processor_module.F.scaled_dot_product_attention
+
+    def spy(query, key, value, **options):
+        seen.append(value.stride())
+        return original(query, key, value, **options)
+
+    monkeypatch.setattr(processor_module.F, "scaled_dot_product_attention", spy)
+    latents(tiny_sd, [])
+    plain = list(seen)
+    seen.clear()
+    latents(tiny_sd, [strengthen_hook(tiny_sd, PROMPT, {"circle": ("shape", 2.0)}, hrv=hrv)])
+    assert plain and seen == plain
+
+
 def test_strength_one_is_the_papers_hrv_factor_and_zero_the_identity(hrv):
     vector = hrv.vector("color")
     assert torch.equal(strengthen_factors(vector, 1.0), vector)
