@@ -85,13 +85,8 @@ def main(argv=None) -> None:
         result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - started, 2)
     print(table(result))
     for name, rows in context.sheets.items():
-        from headscope.viz import save_figure
-
-        import matplotlib.pyplot as plt
-
-        figure = contact_sheet(name, rows)
-        print(f"wrote {save_figure(figure, Path(args.images) / (name.replace('/', '-') + '.png'))}", file=sys.stderr)
-        plt.close(figure)
+        path = Path(args.images) / (name.replace("/", "-") + ".png")
+        print(f"wrote {save_sheet(contact_sheet(name, rows), path)}", file=sys.stderr)
     print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
 
 
@@ -317,7 +312,7 @@ def task_overhead(context: Context) -> dict:
             times[kind].append(context.generate(prompt, 0, hooks[kind])[1])
     median = {kind: statistics.median(values) for kind, values in times.items()}
     pairwise = [s / p for s, p in zip(times["steered"], times["plain"])]
-    quartiles = np.percentile(pairwise, [25, 75]) if len(pairwise) > 1 else [pairwise[0]] * 2
+    quartiles = np.percentile(pairwise, [25, 75])
     return {"prompt": prompt, "repeats": context.args.repeats, "plain_s": round(median["plain"], 4),
             "steered_s": round(median["steered"], 4), "traced_no_steering_s": round(median["traced"], 4),
             "ratio": round(median["steered"] / median["plain"], 4),
@@ -350,11 +345,12 @@ def _permutation(n: int, number: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(number))
 
 
-def _sense_records(context: Context, scenes: list, variants: dict, salt: int, sheet: str) -> list[dict]:
-    """Per prompt: which sense of its polysemous word each variant drew, and whether the colour is right.
+def _sense_records(context: Context, scenes: list, variants: dict, salt: int, sheet: str,
+                   names: tuple[str, str] = ("unwanted_sense", "wanted_sense")) -> list[dict]:
+    """Per prompt: whether each variant drew the unwanted and the wanted sense of its polysemous word.
 
     `variants` maps a name to None (plain generation), to per-head factors for the word, or to a function
-    of the prompt number returning them.
+    of the prompt number returning them. `names`: the record keys of the unwanted and the wanted sense.
     """
     from headscope.shapes.annotate import annotate, score_scene
     from headscope.shapes.world import POLYSEMOUS
@@ -374,7 +370,7 @@ def _sense_records(context: Context, scenes: list, variants: dict, salt: int, sh
                 image = context.generate(scene.caption, seed, [hook])[0]
             context.keep(sheet, f"{scene.caption} (seed {seed})", name, image)
             sense = score_scene(scene, annotate(image))["polysemy"]
-            row[name] = {"unwanted_sense": bool(sense["unwanted_sense"]), "wanted_sense": bool(sense["wanted_sense"])}
+            row[name] = {names[0]: bool(sense["unwanted_sense"]), names[1]: bool(sense["wanted_sense"])}
         records.append(row)
     return records
 
@@ -540,11 +536,8 @@ def task_strengthening(context: Context) -> dict:
                 "color_s2_shuffled_heads": lambda number: strengthen_factors(color, 2.0)[
                     _permutation(len(color), number)],
                 "shape_hrv_s2": strengthen_factors(shape, 2.0)}
-    weak = _sense_records(context, end_word_scenes(context), variants, 5000, "strengthening/end_word")
-    for row in weak:
-        for variant in variants:
-            row[variant]["colour_right"] = row[variant].pop("wanted_sense")
-            row[variant]["glyph_drawn"] = row[variant].pop("unwanted_sense")
+    weak = _sense_records(context, end_word_scenes(context), variants, 5000, "strengthening/end_word",
+                          names=("glyph_drawn", "colour_right"))
     result.update(_summarise("end_word", weak, variants, ("colour_right", "glyph_drawn")))
     return {**result, "records": {"low_guidance": records, "end_word": weak}}
 
@@ -572,6 +565,16 @@ def task_binding(context: Context) -> dict:
 
 RUNNERS = {"overhead": task_overhead, "polysemy": task_polysemy, "neglect": task_neglect, "crowded": task_crowded,
            "editing": task_editing, "strengthening": task_strengthening, "binding": task_binding}
+
+
+def save_sheet(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from headscope.viz import save_figure
+
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
 
 
 def contact_sheet(name: str, rows: dict[str, dict]):

@@ -46,8 +46,9 @@ class TrainConfig:
     min_snr: float = 5.0
     # SD's recipe: epsilon on SD's schedule. Its last step leaks 7% of the image; our model trained on
     # it put "left" and "right" where the seed said, not the word (benchmarks/position_probe.py), as if
-    # it took the layout from that leak. v-prediction on a zero terminal SNR schedule (see build_scheduler) removes the leak; the
-    # shipped model is this recipe's 8,500 steps fine-tuned with it (README: "training recipe").
+    # it took the layout from that leak. v-prediction on a zero terminal SNR schedule (see
+    # build_scheduler) removes the leak; the shipped model is this recipe's 8,500 steps fine-tuned with
+    # it (README: "training recipe").
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     # Start the UNet and text encoder (weights and EMA) from another run's UNet checkpoint, and reuse
