@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import headscope
-from headscope.daam import threshold
+from headscope.maps.daam import threshold
 from headscope.io import write_json
 from headscope.shapes.annotate import annotate
 from headscope.shapes.evaluate import eval_scenes

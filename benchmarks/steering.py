@@ -406,7 +406,7 @@ def object_sense_scenes(context: Context) -> list:
 
 
 def _neglect_image(context: Context, method: str, caption: str, subjects: dict, seed: int):
-    from headscope.neglect import AttendAndExcite, diffusers_attend_and_excite, heads_hook
+    from headscope.steer import AttendAndExcite, diffusers_attend_and_excite, heads_hook
 
     if method == "plain":
         return context.generate(caption, seed)[0]
@@ -480,7 +480,7 @@ def task_crowded(context: Context) -> dict:
 
 
 def task_editing(context: Context) -> dict:
-    from headscope.editing import edit
+    from headscope.steer.edit import edit
     from headscope.shapes.annotate import annotate, score_scene
 
     results = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from headscope.editing import DEFAULT_CROSS, DEFAULT_SELF
+from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
 from headscope.errors import HeadscopeError
 from headscope_cli.common import DEFAULT_GUIDANCE, DEFAULT_STEPS, generation_settings, load_model, model_options
 EDIT_EXAMPLES = """
@@ -55,7 +55,7 @@ def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps
     maps for the words the prompts share. With --concept (P2P-HRV) the swapped word's maps are
     also multiplied by that concept's Head Relevance Vector.
     """
-    from headscope.editing import Editor, align
+    from headscope.steer.edit import Editor, align
     from headscope.steer import tokenize_prompts
 
     if concept is None and hrv_file is not None:

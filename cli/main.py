@@ -255,7 +255,7 @@ def _write_maps(stage: Path, tc, images, words, prompt, head_grids):
 
 
 def _map_stats(tc, word, image_number, heat_map) -> dict:
-    from headscope.daam import threshold
+    from headscope.maps.daam import threshold
 
     return {"image": image_number, "tokens": tc.tokenization(image_number).positions(word),
             "max": round(float(heat_map.max()), 6), "mean": round(float(heat_map.mean()), 6),

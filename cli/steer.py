@@ -61,7 +61,7 @@ def parse_fractions(ctx, param, value):
 def parse_subject_option(ctx, param, value):
     if value is None:
         return None
-    from headscope.neglect import parse_subjects
+    from headscope.steer import parse_subjects
 
     try:
         return parse_subjects(value)
@@ -145,7 +145,7 @@ class SteeringPlan:
 def plan_steering(pipe, prompt, *, strengthen, adjust, hrv_file, steer_steps, neglect, subjects,
                   adjust_clamp=None) -> SteeringPlan:
     """Build (and so validate) every steering hook before generation; HeadscopeError on any mistake."""
-    from headscope.neglect import AttendAndExcite, heads_hook
+    from headscope.steer import AttendAndExcite, heads_hook
     from headscope.steer import adjust_hook, resolve_hrv, strengthen_hook
 
     if subjects is not None and neglect is None:

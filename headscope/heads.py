@@ -110,15 +110,10 @@ class HeadIndex:
             unet: the UNet.
             latent_hw: latent (h, w) or side for `resolution`; default `unet.config.sample_size`.
         """
+        from headscope.backbones.unet import cross_attention_layers
+
         latent_hw = _latent_hw(latent_hw if latent_hw is not None else unet.config.sample_size)
-        layers, offset = [], 0
-        for block, block_index, level, prefix, module in _blocks_in_execution_order(unet):
-            for name, attn in _cross_attentions(module, prefix):
-                layers.append(LayerInfo(
-                    index=len(layers), name=name, block=block, block_index=block_index, level=level,
-                    heads=attn.heads, head_dim=_head_dim(attn), offset=offset,
-                    resolution=resolution_at(level, latent_hw)))
-                offset += attn.heads
+        layers = cross_attention_layers(unet, latent_hw)
         if not layers:
             raise HeadscopeError("this UNet has no cross-attention layers; headscope needs a "
                                  "text-conditioned UNet2DConditionModel")
@@ -224,38 +219,3 @@ def _latent_hw(size) -> tuple[int, int]:
         return size, size
     height, width = size
     return int(height), int(width)
-
-
-def _head_dim(attn) -> int:
-    return attn.to_q.out_features // attn.heads
-
-
-def _blocks_in_execution_order(unet):
-    """Yield (block kind, block index, level, module-name prefix, block module) as the UNet runs them."""
-    level = 0
-    for block_index, block in enumerate(unet.down_blocks):
-        yield "down", block_index, level, f"down_blocks.{block_index}", block
-        if getattr(block, "downsamplers", None) is not None:
-            level += 1
-    if unet.mid_block is not None:
-        yield "mid", 0, level, "mid_block", unet.mid_block
-    for block_index, block in enumerate(unet.up_blocks):
-        yield "up", block_index, level, f"up_blocks.{block_index}", block
-        if getattr(block, "upsamplers", None) is not None:
-            level -= 1
-
-
-def _cross_attentions(block, prefix: str):
-    """Yield (module name, Attention) for the cross-attention modules of one block, in run order.
-
-    Registration order inside a block is run order: attentions[i] runs after resnets[i], and
-    inside a transformer, attn1 (self) runs before attn2 (cross).
-    """
-    from diffusers.models.attention_processor import Attention
-
-    for name, module in block.named_modules(prefix=prefix):
-        if isinstance(module, Attention) and module.is_cross_attention:
-            if getattr(module, "added_kv_proj_dim", None) is not None:
-                raise HeadscopeError(f"{name} uses added key/value projections (UnCLIP-style "
-                                     "attention); headscope supports plain cross-attention only")
-            yield name, module

@@ -27,7 +27,7 @@ Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, de
 batch layout (which rows are conditional and which image they belong to), latent, query and key size.
 
 Self-attention (opt-in) — self-attention modules keep diffusers' processor unless a caller installs
-`SelfAttentionProcessor`s with `self_attention_processors(unet, hooks)` (prompt-to-prompt editing
+`SelfAttentionProcessor`s with `headscope.backbones.unet.self_attention_processors(unet, hooks)` (prompt-to-prompt editing
 does). Their hooks are the same `Hooks`; `Hook.self_attention(ctx, query, key)` sees the layer's
 queries and keys `[batch, heads, tokens, head_dim]` and may return replacements: the layer then
 attends with softmax(q' k'^T) over its own values, in fused SDPA (no map materialised). Readers and
@@ -36,14 +36,12 @@ writers of cross-attention are never called from self-attention layers.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from headscope.errors import HeadscopeError
-from headscope.heads import LayerInfo, _blocks_in_execution_order, _head_dim, resolution_at
+from headscope.heads import LayerInfo, resolution_at
 
 ROW_KINDS = ("cond", "uncond", "all")
 
@@ -280,58 +278,6 @@ class SelfAttentionProcessor(HeadProcessor):
         extra = {} if attn.scale_qk else {"scale": attn.scale}
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                               dropout_p=0.0, is_causal=False, **extra)
-
-
-def self_attention_layers(unet, latent_hw: tuple[int, int] | None = None) -> list[LayerInfo]:
-    """Every self-attention module of a UNet's transformer blocks, in execution order, as `LayerInfo`s.
-
-    Indices and flat head ids count self-attention layers only; `latent_hw` (default
-    `unet.config.sample_size`) sets the resolutions.
-    """
-    from diffusers.models.attention_processor import Attention
-
-    size = latent_hw if latent_hw is not None else unet.config.sample_size
-    latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-    layers, offset = [], 0
-    for block, block_index, level, prefix, module in _blocks_in_execution_order(unet):
-        for name, attn in module.named_modules(prefix=prefix):
-            if isinstance(attn, Attention) and not attn.is_cross_attention:
-                layers.append(LayerInfo(index=len(layers), name=name, block=block, block_index=block_index,
-                                        level=level, heads=attn.heads, head_dim=_head_dim(attn), offset=offset,
-                                        resolution=resolution_at(level, latent_hw)))
-                offset += attn.heads
-    return layers
-
-
-# Processors whose maths SelfAttentionProcessor reproduces; anything else is left alone with an error.
-_PLAIN_SELF_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"}
-
-
-@contextmanager
-def self_attention_processors(unet, hooks: Hooks, latent_hw: tuple[int, int] | None = None):
-    """Install a `SelfAttentionProcessor` sharing `hooks` on every self-attention layer; restore on exit.
-
-    Use it inside a `trace` (pass `tc.hooks`) so that cross- and self-attention hooks share one list
-    and one run state. Yields the self-attention `LayerInfo`s. Only the self-attention processors
-    are restored on exit; whatever the trace installed stays until the trace exits.
-    """
-    layers = self_attention_layers(unet, latent_hw)
-    originals = dict(unet.attn_processors)
-    processors = dict(originals)
-    for layer in layers:
-        current = originals[f"{layer.name}.processor"]
-        if type(current).__name__ not in _PLAIN_SELF_PROCESSORS:
-            raise HeadscopeError(f"{layer.name} uses {type(current).__name__}, which does more than plain "
-                                 "attention; self-attention injection needs diffusers' standard processors")
-        processors[f"{layer.name}.processor"] = SelfAttentionProcessor(layer, hooks)
-    unet.set_attn_processor(processors)
-    try:
-        yield layers
-    finally:
-        restored = dict(unet.attn_processors)
-        for layer in layers:
-            restored[f"{layer.name}.processor"] = originals[f"{layer.name}.processor"]
-        unet.set_attn_processor(restored)
 
 
 def attention_probs(attn, query: torch.Tensor, key: torch.Tensor,

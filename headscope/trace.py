@@ -26,8 +26,9 @@ import inspect
 
 import torch
 
-from headscope import daam
+from headscope.maps import daam
 from headscope.errors import HeadscopeError
+from headscope.backbones.unet import PLAIN_PROCESSORS
 from headscope.heads import HeadIndex
 from headscope.processor import ROW_KINDS, BatchLayout, HeadProcessor, Hook, Hooks
 from headscope.steps import StepWindow
@@ -300,11 +301,6 @@ class Trace:
         if layout is None:
             raise HeadscopeError("nothing recorded yet: call the pipeline inside `with trace(pipe) as tc:`")
         return layout
-
-
-# Processors that compute plain softmax attention; HeadProcessor does the same maths. Others (IP-Adapter,
-# custom ones) do more, and silently replacing them would change the model.
-PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"}
 
 
 def _check_replaceable(name: str, processor) -> None:

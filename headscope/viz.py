@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from headscope.daam import normalize
+from headscope.maps.daam import normalize
 from headscope.io import atomic_path
 
 HEAT_CMAP = "jet"

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from headscope.editing import DEFAULT_CROSS, DEFAULT_SELF
+from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
 from headscope.testing import MAX_TOKENS, random_hrv
 from test_cli import FAST, assert_one_line_error, invoke
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import headscope
 from headscope.testing import generate
 from headscope import HeadscopeError
-from headscope.daam import normalize, threshold
+from headscope.maps.daam import normalize, threshold
 
 PROMPT = "a red giraffe and a blue dog"
 

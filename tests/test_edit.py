@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from headscope import HeadscopeError
-from headscope.editing import Editor, align, edit
+from headscope.steer.edit import Editor, align, edit
 from headscope.processor import Hook
 from headscope.steer import tokenize_prompts
 from headscope.testing import random_hrv
@@ -124,7 +124,8 @@ def test_bad_edit_options_are_headscope_errors(tiny_sd, options, message):
 
 def test_self_attention_processors_compute_diffusers_attention_bitwise_and_restore(tiny_sd):
     from headscope import trace
-    from headscope.processor import SelfAttentionProcessor, self_attention_processors
+    from headscope.backbones.unet import self_attention_processors
+    from headscope.processor import SelfAttentionProcessor
 
     generator = torch.Generator().manual_seed(0)
     plain = tiny_sd("a red circle", num_inference_steps=2, generator=generator, output_type="latent").images

@@ -350,7 +350,7 @@ def test_query_readers_get_the_conditional_rows_queries(tiny_sd):
 
 
 def test_the_embedded_models_hrv_is_found_or_its_build_command_named(tiny_sd, built, tmp_path, monkeypatch):
-    import headscope.hrv as hrv_module
+    import headscope.hrv.file as hrv_module
 
     monkeypatch.setattr(hrv_module, "is_embedded", lambda pipe: True)
     monkeypatch.setattr(hrv_module, "default_hrv_path", lambda: tmp_path / "shapes_hrv.hrv")

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from headscope import HeadscopeError, trace
-from headscope.neglect import (AttendAndExcite, _MapCollector, diffusers_attend_and_excite, find_subjects,
-                               heads_hook, mitigate_neglect)
 from headscope.processor import BatchLayout, HookContext
-from headscope.steer import steering
+from headscope.steer import (AttendAndExcite, diffusers_attend_and_excite, find_subjects, heads_hook, mitigate_neglect,
+                             steering)
+from headscope.steer.neglect import _MapCollector
 from headscope.testing import random_hrv
 
 PROMPT = "a red circle and a blue square"

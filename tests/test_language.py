@@ -1,20 +1,20 @@
 """Subject nouns with spaCy."""
 import pytest
 
-from headscope import HeadscopeError, pos
+from headscope import HeadscopeError, language
 
 
 def test_subject_nouns_of_a_two_object_prompt():
-    assert pos.subject_nouns("a red circle and a blue square") == ["circle", "square"]
+    assert language.subject_nouns("a red circle and a blue square") == ["circle", "square"]
 
 
 def test_place_and_picture_nouns_are_not_subjects():
-    assert pos.nouns("a photo of a dog in the center") == ["photo", "dog", "center"]
-    assert pos.subject_nouns("a photo of a dog in the center") == ["dog"]
+    assert language.nouns("a photo of a dog in the center") == ["photo", "dog", "center"]
+    assert language.subject_nouns("a photo of a dog in the center") == ["dog"]
 
 
 def test_repeated_nouns_are_listed_once_lower_cased():
-    assert pos.subject_nouns("A Circle and a circle") == ["circle"]
+    assert language.subject_nouns("A Circle and a circle") == ["circle"]
 
 
 def test_a_missing_spacy_model_is_a_clear_error(monkeypatch):
@@ -23,8 +23,8 @@ def test_a_missing_spacy_model_is_a_clear_error(monkeypatch):
     def refuse(name):
         raise OSError(f"[E050] Can't find model '{name}'")
 
-    pos.load_spacy.cache_clear()
+    language.load_spacy.cache_clear()
     monkeypatch.setattr(spacy, "load", refuse)
     with pytest.raises(HeadscopeError, match="no spaCy English model installed"):
-        pos.nouns("a dog")
-    pos.load_spacy.cache_clear()
+        language.nouns("a dog")
+    language.load_spacy.cache_clear()

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 import torch
 
 from headscope.errors import HeadscopeError
-from headscope.processor import Hook, HookContext, self_attention_layers, self_attention_processors
-from headscope.steer import resolve_hrv, strengthen_factors, tokenize_prompts
+from headscope.backbones.unet import self_attention_layers, self_attention_processors
+from headscope.processor import Hook, HookContext
+from headscope.steer.scale import resolve_hrv, strengthen_factors, tokenize_prompts
 from headscope.steps import StepWindow
 from headscope.tokens import Tokenization
 from headscope.trace import Trace, trace

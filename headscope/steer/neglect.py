@@ -41,7 +41,6 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,8 @@ import torch.nn.functional as F
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex, resolution_at
 from headscope.processor import BatchLayout, Hook, HookContext
-from headscope.steer import HeadScale, resolve_hrv, steering, strengthen_factors, tokenize_prompts
+from headscope.steer.scale import resolve_hrv, steering, tokenize_prompts
+from headscope.steer.subjects import _describe, _heads, find_subjects
 from headscope.steps import StepWindow
 
 AE_WINDOW = (0.0, 0.5)                           # paper: max_iter_to_alter = 25 of 50 steps
@@ -58,100 +58,6 @@ AE_SCALE_FACTOR, AE_SCALE_RANGE = 20.0, (1.0, 0.5)
 AE_MAX_REFINEMENT = 20
 LATENT_QUARTER_LEVEL = 2                        # latent/4: A&E's 16x16 on SD's 64x64 latents
 METHODS = ("ae", "ae-hrv", "heads")
-
-
-# -- subjects -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Subject:
-    """A subject word: its token positions in each prompt (first occurrence) and its concept (or None)."""
-
-    word: str
-    positions: tuple[tuple[int, ...], ...]
-    concept: str | None = None
-
-
-def parse_subjects(spec) -> dict[str, str | None]:
-    """{word: concept or None} from "circle,square=shape", a list of words, or a dict."""
-    if spec is None:
-        return {}
-    if isinstance(spec, dict):
-        return {str(word).strip().lower(): concept for word, concept in spec.items()}
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    subjects: dict[str, str | None] = {}
-    for item in items:
-        word, _, concept = str(item).partition("=")
-        word, concept = word.strip().lower(), concept.strip() or None
-        if not word or (concept is None and "=" in str(item)):
-            raise HeadscopeError(f"bad subject {item!r}: write WORD or WORD=CONCEPT, e.g. circle,square=shape")
-        subjects[word] = concept
-    return subjects
-
-
-def find_subjects(pipe, prompt, subjects=None, *, hrv=None, need_concepts: bool = False) -> list[Subject]:
-    """Subjects of a prompt (or of every prompt of a batch, which must share the words).
-
-    Args:
-        subjects: words (with optional concepts, see `parse_subjects`); None: the prompt's subject
-            nouns found by spaCy (`headscope.pos.subject_nouns`, of the first prompt).
-        hrv: the HRV whose concept set gives a word's default concept (the concept whose word list
-            holds the word or its singular, e.g. circle -> "shape" for the shapes model).
-        need_concepts: raise when a subject's concept cannot be found.
-    """
-    tokenizations = tokenize_prompts(pipe, prompt)
-    wanted = parse_subjects(subjects)
-    if not wanted:
-        from headscope.pos import subject_nouns
-
-        wanted = dict.fromkeys(subject_nouns(tokenizations[0].prompt))
-        if not wanted:
-            raise HeadscopeError(f"found no subject nouns in {tokenizations[0].prompt!r}; name them with "
-                                 "--subjects W,W")
-    found = []
-    for word, concept in wanted.items():
-        positions = tuple(tuple(tokens.positions(word)) for tokens in tokenizations)
-        if concept is None and hrv is not None:
-            concept = default_concept(word, hrv)
-        if need_concepts and concept is None:
-            known = ", ".join(hrv.concepts) if hrv is not None else "?"
-            raise HeadscopeError(f"no concept known for subject {word!r}; give it as --subjects {word}=CONCEPT "
-                                 f"(this HRV has: {known})")
-        if concept is not None and hrv is not None:
-            concept = hrv.concept(concept)
-        found.append(Subject(word, positions, concept))
-    return found
-
-
-def default_concept(word: str, hrv) -> str | None:
-    """The HRV concept whose word list (in the HRV's stored concept set) holds `word` or its singular;
-    "shape" for any shapes-world shape when the HRV has that concept; else None."""
-    concept_words = ((hrv.meta.get("concepts") or {}).get("concepts") or {})
-    forms = {word.lower(), word.lower().rstrip("s"), word.lower()[:-2] if word.lower().endswith("es") else word}
-    for concept, words in concept_words.items():
-        if concept in hrv.concepts and forms & {entry.lower() for entry in words}:
-            return concept
-    # The shapes world's concept words leave out its polysemous glyphs (rose, orange); as subjects
-    # they are drawn objects, i.e. shapes.
-    from headscope.shapes.world import SHAPES
-
-    if "shape" in hrv.concepts and forms & set(SHAPES):
-        return "shape"
-    return None
-
-
-# -- (c) head reweighting --------------------------------------------------------------------------
-
-def heads_hook(pipe, prompt, subjects=None, *, hrv=None, strength: float = 1.0, steps=None) -> HeadScale:
-    """(c): HeadScale strengthening each subject token by its concept's HRV (value scaling, no gradient)."""
-    return _heads(pipe, prompt, subjects, hrv, strength, steps)[0]
-
-
-def _heads(pipe, prompt, subjects, hrv, strength, steps) -> tuple[HeadScale, list[Subject]]:
-    hrv = resolve_hrv(pipe, hrv)
-    found = find_subjects(pipe, prompt, subjects, hrv=hrv, need_concepts=True)
-    factors = {subject.word: strengthen_factors(hrv.vector(subject.concept), strength) for subject in found}
-    return HeadScale.for_words(pipe, prompt, factors, steps=steps), found
-
 
 # -- (a), (b) Attend-and-Excite --------------------------------------------------------------------
 
@@ -496,8 +402,3 @@ def mitigate_neglect(pipe, prompt, method: str, subjects=None, *, hrv=None, hook
     ae = AttendAndExcite(pipe, prompt, subjects, weighted=method == "ae-hrv", hrv=hrv)
     output = ae.generate(hooks=hooks, **pipe_kwargs)
     return output, {"method": method, "subjects": _describe(ae.subjects), "level": ae.level, "log": ae.log}
-
-
-def _describe(subjects: list[Subject]) -> list[dict]:
-    return [{"word": subject.word, "tokens": list(subject.positions[0]), "concept": subject.concept}
-            for subject in subjects]

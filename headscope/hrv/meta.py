@@ -1,0 +1,91 @@
+"""Metadata of an HRV build: where the shipped HRV lives, model and head fingerprints, seeds, defaults."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from headscope.concepts import ConceptSet
+from headscope.errors import HeadscopeError
+from headscope.heads import HeadIndex
+from headscope.io import replace_folder
+
+PAPER_STEPS, PAPER_GUIDANCE = 50, 7.5
+EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 25, 5.0  # as the shapes-world evaluation generates
+
+BUILD_DEFAULT_COMMAND = ("headscope hrv build --concepts shapes --n-prompts 512 --seed 0 "
+                         "--out headscope/models/shapes_hrv.hrv")
+
+
+def default_hrv_path() -> Path:
+    """Where the embedded shapes model's HRV ships: headscope/models/shapes_hrv.hrv.
+
+    Built (once the embedded model is trained) with BUILD_DEFAULT_COMMAND.
+    """
+    return Path(__file__).resolve().parent.parent / "models" / "shapes_hrv.hrv"
+
+
+def is_embedded(pipe) -> bool:
+    """Whether `pipe` was loaded from the embedded shapes model's folder."""
+    from headscope.models import EMBEDDED_MODEL
+
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    try:
+        return bool(source) and Path(str(source)).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+    except OSError:
+        return False
+
+
+# -- metadata helpers ------------------------------------------------------------------------------
+
+def config_hash(config) -> str:
+    """16 hex digits hashing a UNet config (keys starting with "_" left out)."""
+    clean = {key: value for key, value in dict(config).items() if not str(key).startswith("_")}
+    text = json.dumps(clean, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_meta(pipe) -> dict:
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    return {"name_or_path": "embedded shapes model" if is_embedded(pipe) else (str(source) if source else None),
+            "unet_class": type(pipe.unet).__name__, "config_hash": config_hash(pipe.unet.config)}
+
+
+def head_meta(index: HeadIndex) -> dict:
+    return {"heads": {"fingerprint": index.fingerprint(), "n_heads": index.n_heads, "n_layers": index.n_layers,
+                      "latent": list(index.latent_hw), "layout": index.layout()}}
+
+
+def concept_meta(concept_set: ConceptSet) -> dict:
+    return {"name": concept_set.name, "hash": concept_set.hash(), "source": concept_set.source,
+            "license": concept_set.license, "concepts": {k: list(v) for k, v in concept_set.concepts.items()}}
+
+
+def generation_defaults(pipe) -> tuple[int, float]:
+    """(steps, guidance): the model's shipped defaults; the shapes evaluation's for the embedded model;
+    else the paper's 50 steps at guidance 7.5."""
+    from headscope.models import model_defaults
+
+    defaults = model_defaults(pipe)
+    fallback = (EMBEDDED_STEPS, EMBEDDED_GUIDANCE) if is_embedded(pipe) else (PAPER_STEPS, PAPER_GUIDANCE)
+    return (int(defaults.get("num_inference_steps", fallback[0])),
+            float(defaults.get("guidance_scale", fallback[1])))
+
+
+def prompt_seed(seed: int, index: int, stream: str) -> int:
+    """A 63-bit seed that depends only on (seed, prompt index, stream name)."""
+    digest = hashlib.sha256(f"{seed}:{index}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _version() -> str:
+    from headscope import __version__
+
+    return __version__
+
+
+def _replace_folder(stage: Path, target: Path) -> None:
+    """Move the finished folder `stage` to `target`, replacing an older one only once `stage` is complete."""
+    if target.exists() and not target.is_dir():
+        raise HeadscopeError(f"{target} exists and is not a folder; give a .hrv file name or another folder")
+    replace_folder(stage, target)

@@ -1,0 +1,1 @@
+"""Studies of the DAAM paper and beyond: parts of speech, syntax, co-hyponyms, adjectives, numerals, guidance."""
