@@ -1,0 +1,131 @@
+"""The SD3-style shapes model: architecture, text layout, and a tiny training run end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from headscope.shapes.mmdit import (SHIPPED_MODEL, MMDiTConfig, build_text_encoders, build_transformer,
+                                    encode_captions, random_mmdit_pipeline, warm_start_clip1)
+from headscope.shapes.tokenizer import build_tokenizer
+from headscope.shapes.train_mmdit import batch_indices, sample_sigmas, tiny_config, train_mmdit
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 20-step tiny run, checkpointed at 10 and 20, exported at 20."""
+    run = tmp_path_factory.mktemp("mmdit") / "run"
+    train_mmdit(run, tiny_config(), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_run / "pipeline"), torch_dtype=torch.float32)  # no extra kwargs
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_random_pipeline_makes_a_64_pixel_image_in_two_steps():
+    pipe = random_mmdit_pipeline()
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, max_sequence_length=24,
+               output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
+    assert pipe.transformer.config.patch_size == 1
+
+
+def test_text_layout_is_clip_tokens_padded_to_t5_width_then_t5_tokens():
+    pipe = random_mmdit_pipeline()
+    embeds, pooled = encode_captions(pipe, ["a red circle", ""], max_sequence_length=24)
+    clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    t5_width = pipe.text_encoder_3.config.d_model
+    assert embeds.shape == (2, 48, t5_width) and pipe.transformer.config.joint_attention_dim == t5_width
+    assert pooled.shape == (2, clip_width) and MMDiTConfig().text_tokens == 48
+    assert bool((embeds[:, :24, clip_width:] == 0).all())  # SD3's zero padding of the CLIP tokens
+    assert bool((embeds[:, 24:].abs().sum(-1) > 0).all())  # T5 tokens carry the caption
+
+
+def test_exported_run_loads_through_a_plain_from_pretrained_and_generates(exported, tiny_run):
+    assert type(exported).__name__ == "StableDiffusion3Pipeline"
+    meta = json.loads((tiny_run / "pipeline" / "headscope.json").read_text())
+    assert meta["kind"] == "shapes-world" and meta["steps_trained"] == 20
+    out = exported("a small blue star", output_type="np", **{**meta["defaults"], "num_inference_steps": 2})
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_training_text_is_what_the_pipeline_feeds_the_transformer(exported, tiny_run):
+    """Conditional rows = encode_captions(prompt); the CFG row = encode_captions("") = caption dropout."""
+    defaults = json.loads((tiny_run / "pipeline" / "headscope.json").read_text())["defaults"]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["text"], seen["pooled"] = kwargs["encoder_hidden_states"], kwargs["pooled_projections"]
+
+    prompts = ["a red circle on the left", "two green squares"]
+    handle = exported.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        exported(prompts, output_type="latent", **{**defaults, "num_inference_steps": 1})
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        cond, cond_pooled = encode_captions(exported, prompts, defaults["max_sequence_length"])
+        empty, empty_pooled = encode_captions(exported, ["", ""], defaults["max_sequence_length"])
+    torch.testing.assert_close(seen["text"], torch.cat([empty, cond]), rtol=0, atol=0)
+    torch.testing.assert_close(seen["pooled"], torch.cat([empty_pooled, cond_pooled]), rtol=0, atol=0)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_run, tmp_path):
+    run = tmp_path / "resumed"
+    train_mmdit(run, tiny_config(steps=10, latents_from=str(tiny_run)), progress=False)
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == 10
+    train_mmdit(run, tiny_config(steps=20), progress=False)
+    resumed, straight = (load_file(str(r / "checkpoint" / "weights.safetensors")) for r in (run, tiny_run))
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"stage": "resume", "step": 10}.items() <= next(r for r in steps if r["stage"] == "resume").items()
+
+
+def test_noise_levels_mix_logit_normal_with_a_high_noise_share():
+    cfg = tiny_config(high_noise_share=0.25, high_noise_from=0.8)
+    sigmas = sample_sigmas(cfg, 4000, torch.Generator().manual_seed(0))
+    assert 0 < sigmas.min() and sigmas.max() <= 1
+    assert bool((sigmas[:1000] >= 0.8).all())
+    # shift 2 moves the logit-normal median from 0.5 to 2/3
+    assert abs(float(sigmas[1000:].median()) - 2 / 3) < 0.03
+
+
+def test_batches_depend_only_on_seed_and_step():
+    cfg = tiny_config(batch=6)
+    first = batch_indices(cfg, 7, 20)
+    assert torch.equal(first, batch_indices(cfg, 7, 20)) and len(first) == 6
+    assert not torch.equal(first, batch_indices(tiny_config(batch=6, seed=1), 7, 20))
+    epoch = torch.cat([batch_indices(cfg, step, 24) for step in range(4)])
+    assert sorted(epoch.tolist()) == list(range(24))  # an epoch sees every scene once
+
+
+def test_warm_start_gives_clip1_the_shipped_text_encoder():
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    clip1 = build_text_encoders(MMDiTConfig(), tokenizer)[0]
+    warm_start_clip1(clip1)
+    shipped = CLIPTextModel.from_pretrained(str(SHIPPED_MODEL / "text_encoder"), torch_dtype=torch.float32)
+    ids = tokenizer(["a large purple star at the top"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = clip1(ids, output_hidden_states=True).hidden_states[-2]
+        theirs = shipped(ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_full_size_model_fits_the_package_budget_in_fp16():
+    cfg = MMDiTConfig()
+    modules = (build_transformer(cfg), *build_text_encoders(cfg, build_tokenizer()))
+    tensors = sum(p.numel() for m in modules for p in m.state_dict().values())
+    vae_bytes = (SHIPPED_MODEL / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert 2 * tensors + vae_bytes < 20e6
