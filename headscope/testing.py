@@ -188,7 +188,7 @@ def random_hrv(pipe, concepts: dict | None = None, *, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     vectors = 0.05 + torch.rand(len(concepts), index.n_heads, generator=generator)
     vectors = vectors / vectors.mean(dim=1, keepdim=True)  # [concepts, heads], each row mean 1
-    meta = {**head_meta(index), "concepts": {"name": "test", "concepts": concepts}, "model": {"name_or_path": "tiny"}}
+    meta = {**head_meta(index), "concept_set": {"name": "test", "concepts": concepts}, "model": {"name_or_path": "tiny"}}
     return HRV(concepts=list(concepts), vectors=vectors, step_votes=None, meta=meta)
 
 

@@ -59,6 +59,13 @@ class HRV:
         """Concept -> the words it was built from (meta["concept_set"]["concepts"]); {} when unknown."""
         return dict((self.meta.get("concept_set") or {}).get("concepts") or {})
 
+    def concepts_of(self, word: str) -> list[str]:
+        """Concepts whose stored words hold `word` or its singular ("circles" -> "circle"), case-insensitive."""
+        folded = word.lower()
+        forms = {folded, folded.rstrip("s"), folded[:-2] if folded.endswith("es") else folded}
+        return [concept for concept, words in self.concept_words.items()
+                if concept in self.concepts and forms & {entry.lower() for entry in words}]
+
     def concept(self, concept: str) -> str:
         """The stored name of `concept` (exact, else case-insensitive); HeadscopeError listing known ones."""
         if concept in self.concepts:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from headscope.errors import HeadscopeError
+from headscope.maps import select
 from headscope.processor import Hook, HookContext, RunState
 from headscope.steps import StepWindow
 
@@ -106,22 +107,32 @@ class HeatMapReducer(Hook):
 # -- reading maps from a trace ----------------------------------------------------------------
 
 def word_map(trace, word: str, *, occurrence: int = 0, layers=None, heads=None, steps=None,
-             image: int = 0, rows: str = "cond", upsample: str = "bicubic") -> torch.Tensor:
-    """DAAM heat map of `word` for one image: [H, W] at image resolution, float32, >= 0.
+             image: int = 0, rows: str = "cond", upsample: str = "bicubic", method: str = "daam",
+             weights=None, hrv=None, concept: str | None = None, k: int | None = None,
+             min_relevance: float | None = None) -> torch.Tensor:
+    """Heat map of `word` for one image: [H, W] at image resolution, float32, >= 0.
 
     Args:
         word: a word of the prompt (case-insensitive; several words match consecutive prompt words).
         occurrence: which occurrence when the word repeats, from 0.
         layers: layers to sum (execution indices or module names); default all.
         heads: flat head ids to sum; default all heads of the chosen layers.
+        method: "daam" (sum of all heads), "selective" (the HRV's most relevant heads for the word's
+            concept: top `k`, or relevance >= `min_relevance`, default 1.0) or "weighted" (every head
+            times its relevance); see `headscope.maps.select`.
+        weights: [n_heads] non-negative weights of the heads (method "daam" only).
+        hrv, concept: the HRV (default: the model's own) and the concept (default: looked up from the
+            word in the HRV's concept words) of "selective" and "weighted".
         steps: step window (see `headscope.steps`); needs `trace(..., keep_steps=True)`.
         image: which generated image (prompt-major: prompt i // images_per_prompt).
         rows: "cond" (the prompt) or "uncond" (the negative prompt, when it was recorded).
         upsample: "bicubic" (DAAM) or "box".
     """
     positions = trace.tokenization(image, rows).positions(word, occurrence)
-    return _aggregate(trace, positions, layers=layers, heads=heads, steps=steps, image=image,
-                      rows=rows, upsample=upsample)
+    head_weights = select.head_weights(trace, word, method=method, hrv=hrv, concept=concept, k=k,
+                                       min_relevance=min_relevance, weights=weights, heads=heads)
+    return _aggregate(trace, positions, layers=layers, heads=heads if head_weights is None else None, steps=steps,
+                      image=image, rows=rows, upsample=upsample, weights=head_weights)
 
 
 def token_maps(trace, *, layers=None, heads=None, steps=None, image: int = 0, rows: str = "cond",
@@ -133,12 +144,16 @@ def token_maps(trace, *, layers=None, heads=None, steps=None, image: int = 0, ro
 
 
 def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int = 0, rows: str = "cond",
-              size: tuple[int, int] | None = None, upsample: str = "bicubic") -> torch.Tensor:
+              size: tuple[int, int] | None = None, upsample: str = "bicubic", method: str = "daam",
+              weights=None, hrv=None, concept: str | None = None, k: int | None = None,
+              min_relevance: float | None = None) -> torch.Tensor:
     """Per-head maps of `word`: [n_heads, h, w] in flat-id order.
 
     Each head's map is the mean over the word's tokens and over steps of its attention probabilities
     (values in [0, 1]) at its layer's native resolution, upsampled to a common size: `size`, by
-    default the latent size (the finest layer resolution), so no layer is downsampled.
+    default the latent size (the finest layer resolution), so no layer is downsampled. With a
+    method other than "daam" or with `weights`, each head's map is multiplied by its weight (0 for
+    the heads a selective map leaves out), as `word_map` sums them.
     """
     _check_mode(upsample)
     positions = trace.tokenization(image, rows).positions(word, occurrence)
@@ -146,7 +161,10 @@ def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int =
     size = tuple(size or trace.index.latent_hw)
     per_layer = [_upsample(trace.reducer.layer_maps(rows, layer.index, image, positions, chosen_steps), size, upsample)
                  for layer in trace.index.layers]
-    return torch.cat(per_layer)
+    maps = torch.cat(per_layer)
+    head_weights = select.head_weights(trace, word, method=method, hrv=hrv, concept=concept, k=k,
+                                       min_relevance=min_relevance, weights=weights)
+    return maps if head_weights is None else maps * head_weights.to(maps)[:, None, None]
 
 
 def normalize(heat_map: torch.Tensor) -> torch.Tensor:
@@ -166,14 +184,22 @@ def threshold(heat_map: torch.Tensor, tau: float = 0.4) -> torch.Tensor:
 
 # -- internals ------------------------------------------------------------------------------
 
-def _aggregate(trace, positions, *, layers, heads, steps, image, rows, upsample) -> torch.Tensor:
-    """Sum over the chosen layers and heads of upsampled per-head maps of token `positions`: [H, W]."""
+def _aggregate(trace, positions, *, layers, heads, steps, image, rows, upsample, weights=None) -> torch.Tensor:
+    """Sum over the chosen layers and heads of upsampled per-head maps of token `positions`: [H, W].
+
+    weights: [n_heads] or None; with weights, only heads of non-zero weight are read, each map times its weight.
+    """
     _check_mode(upsample)
     chosen_steps = _chosen_steps(trace, steps, rows)
     size = trace.image_size
+    if weights is not None:
+        heads = torch.nonzero(weights).flatten().tolist()
     total = None
     for layer, layer_heads in _chosen_heads(trace.index, layers, heads).items():
         maps = trace.reducer.layer_maps(rows, layer, image, positions, chosen_steps)[layer_heads]  # [heads, h, w]
+        if weights is not None:
+            head_ids = [trace.index.layers[layer].offset + head for head in layer_heads]
+            maps = maps * weights[head_ids].to(maps)[:, None, None]
         layer_sum = _upsample(maps, size, upsample).sum(dim=0)
         total = layer_sum if total is None else total + layer_sum
     return total

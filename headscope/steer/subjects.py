@@ -71,20 +71,16 @@ def find_subjects(pipe, prompt, subjects=None, *, hrv=None, need_concepts: bool 
 
 
 def default_concept(word: str, hrv) -> str | None:
-    """The HRV concept whose word list (in the HRV's stored concept set) holds `word` or its singular;
-    "shape" for any shapes-world shape when the HRV has that concept; else None."""
-    concept_words = ((hrv.meta.get("concepts") or {}).get("concepts") or {})
-    forms = {word.lower(), word.lower().rstrip("s"), word.lower()[:-2] if word.lower().endswith("es") else word}
-    for concept, words in concept_words.items():
-        if concept in hrv.concepts and forms & {entry.lower() for entry in words}:
-            return concept
-    # The shapes world's concept words leave out its polysemous glyphs (rose, orange); as subjects
-    # they are drawn objects, i.e. shapes.
+    """The concept of a subject noun: "shape" for a shapes-world shape when the HRV has that concept
+    (the polysemous glyphs "rose" and "orange" are colour words in the concept set, but as subjects
+    they are drawn objects); else the first concept whose stored words hold `word` or its singular;
+    else None."""
     from headscope.shapes.world import SHAPES
 
-    if "shape" in hrv.concepts and forms & set(SHAPES):
+    if "shape" in hrv.concepts and {word.lower(), word.lower().rstrip("s")} & set(SHAPES):
         return "shape"
-    return None
+    found = hrv.concepts_of(word)
+    return found[0] if found else None
 
 
 # -- (c) head reweighting --------------------------------------------------------------------------
