@@ -44,7 +44,7 @@ class MMDiTTrainConfig:
     model: MMDiTConfig = field(default_factory=MMDiTConfig)
     seed: int = 0
     n_scenes: int = 50_000
-    steps: int = 10_000
+    steps: int = 8_000
     batch: int = 32
     lr: float = 3e-4
     warmup: int = 300
