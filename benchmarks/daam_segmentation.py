@@ -19,24 +19,21 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
+import harness
 import headscope
 from headscope.maps.daam import threshold
-from headscope.io import write_json
 from headscope.shapes.annotate import annotate
 from headscope.shapes.evaluate import eval_scenes
 from headscope.shapes.world import COLORS, PLURALS, POSITIONS, SIZES, Scene
 
 TAUS = (0.3, 0.4, 0.5)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def word_targets(scene: Scene, objects) -> list[tuple[str, str, int, list]]:
@@ -195,15 +192,10 @@ def summarize(records) -> dict:
 
 
 def format_table(table: dict) -> str:
-    head = f"{'words':<10}{'scored':>8}{'pointing':>10}{'chance':>8}" + "".join(f"{'mIoU@' + str(t):>10}" for t in TAUS) \
-        + f"{'chance':>8}"
-    lines = [head]
-    for role, e in table.items():
-        if "pointing" not in e:
-            lines.append(f"{role:<10}{e['n_scored']:>8}   (no object found)")
-            continue
-        lines.append(f"{role:<10}{e['n_scored']:>8}{e['pointing']:>10.3f}{e['chance_pointing']:>8.3f}"
-                     + "".join(f"{e[f'miou@{t}']:>10.3f}" for t in TAUS) + f"{e['chance_miou']:>8.3f}")
+    keys = ["pointing", "chance_pointing", *(f"miou@{tau}" for tau in TAUS), "chance_miou"]
+    columns = ["words", "scored", "pointing", "chance", *(f"mIoU@{tau}" for tau in TAUS), "chance"]
+    lines = [harness.table([[role, e["n_scored"], *(e.get(key) for key in keys)] for role, e in table.items()],
+                           columns)]  # n/a: no object found
     contexts = [(role, e["pointing_by_context"]) for role, e in table.items() if "pointing_by_context" in e]
     if contexts:
         lines.append("pointing by where the word stands: " + "; ".join(
@@ -216,20 +208,14 @@ def format_heads(heads: dict) -> str:
         return ""
     levels = list(next(iter(heads.values()))["level_pointing"])
     tops = [key for key in next(iter(heads.values())) if key.startswith("top")]
-    lines = ["pointing by heads (top-k: ranked on half of the prompts, scored on the other half)",
-             f"{'words':<10}{'best head':>12}" + "".join(f"{level:>9}" for level in levels)
-             + "".join(f"{key.split('_')[0]:>8}" for key in tops)]
-    for role, e in heads.items():
-        lines.append(f"{role:<10}{'#%d %.3f' % (e['best_head'], e['best_head_pointing']):>12}"
-                     + "".join(f"{e['level_pointing'][level]:>9.3f}" for level in levels)
-                     + "".join(f"{e[key]:>8.3f}" for key in tops))
-    return "\n".join(lines)
+    rows = [[role, f"#{e['best_head']} {e['best_head_pointing']:.3f}",
+             *(e["level_pointing"][level] for level in levels), *(e[key] for key in tops)] for role, e in heads.items()]
+    return ("pointing by heads (top-k: ranked on half of the prompts, scored on the other half)\n"
+            + harness.table(rows, ["words", "best head", *levels, *(key.split("_")[0] for key in tops)]))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes model)")
-    parser.add_argument("--tiny", action="store_true", help="smoke run on a tiny random pipeline")
+def options():
+    parser = harness.parser(__doc__, "daam_segmentation", tiny="shapes", device=False)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=None)
@@ -237,21 +223,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n-single", type=int, default=48)
     parser.add_argument("--n-pair", type=int, default=24)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "daam_segmentation.json")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tiny:
-        from headscope.shapes.model import random_pipeline
+    return parser
 
-        pipe = random_pipeline()
-        model_name = "tiny random shapes-architecture pipeline"
-    else:
-        pipe = headscope.load_pipeline(args.model, device="cpu")
-        model_name = args.model or "embedded shapes model"
+
+def measure(args) -> dict:
+    from headscope.heads import HeadIndex
     from headscope.models import model_defaults
 
+    pipe, model_name = harness.load(args)
     guidance = args.guidance if args.guidance is not None else model_defaults(pipe).get("guidance_scale", 5.0)
     scenes = [s for s in eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=0, n_polysemy=0)]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -259,8 +238,6 @@ def main(argv=None) -> int:
     records = evaluate_maps(pipe, scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
                             upsample=args.upsample)
     table = summarize(records)
-    from headscope.heads import HeadIndex
-
     heads = head_analysis(records, HeadIndex.from_unet(pipe.unet), args.upsample)
     for record in records:
         record.pop("_heads", None), record.pop("_target", None)
@@ -268,11 +245,13 @@ def main(argv=None) -> int:
           f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
     print(format_table(table))
     print(format_heads(heads))
-    payload = {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
-               "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
-               "summary": table, "heads": heads, "records": records}
-    print(f"wrote {write_json(args.out, payload, indent=1)}", file=sys.stderr)
-    return 0
+    return {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
+            "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
+            "summary": table, "heads": heads, "records": records}
+
+
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmarks of maps and of the model: daam_segmentation, position_probe and vae_reconstruction run end to end."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/NAME.py` has it, for `import harness`
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,12 +1,15 @@
 """benchmarks/steering.py runs end to end on the tiny pipeline and writes its JSON atomically."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "steering.py"
 
 
 def _load():
+    if str(BENCHMARK.parent) not in sys.path:  # as `python benchmarks/steering.py` has it, for `import harness`
+        sys.path.insert(0, str(BENCHMARK.parent))
     spec = importlib.util.spec_from_file_location("steering_benchmark", BENCHMARK)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
