@@ -12,64 +12,48 @@ benchmarks/results/hrv_build.json.
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from headscope.io import write_json
+import harness
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hrv_build.json"
 ARMS = ("plain", "traced", "probe")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe, concept_set, prompts, model = setup(args)
-    throughput = time_build(pipe, concept_set, prompts, args)
-    overhead = time_arms(pipe, concept_set, prompts[0], args)
-    result = {"model": model, "device": str(pipe.device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "concepts": concept_set.name,
-              "n_concepts": len(concept_set), "n_words": sum(len(words) for words in concept_set.concepts.values()),
-              "steps": args.steps, "batch_size": args.batch_size, **throughput, **overhead}
-    print(table(result))
-    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--tiny", action="store_true", help="tiny random pipeline with the shapes tokenizer")
-    source.add_argument("--model", default=None, help="pipeline folder or hub id (default: embedded model)")
+def options():
+    parser = harness.parser(__doc__, "hrv_build", tiny="shapes")
     parser.add_argument("--concepts", default=None, help="concept set (default: shapes; hrv34 with --model)")
     parser.add_argument("--n-prompts", type=int, default=16, help="prompts of the throughput build")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each arm")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args(argv)
+    return parser
 
 
-def setup(args):
+def measure(args) -> dict:
+    pipe, model = harness.load(args)
+    concept_set, prompts = concepts_and_prompts(args)
+    throughput = time_build(pipe, concept_set, prompts, args)
+    overhead = time_arms(pipe, concept_set, prompts[0], args)
+    result = {"model": model, **harness.machine(pipe), "concepts": concept_set.name,
+              "n_concepts": len(concept_set), "n_words": sum(len(words) for words in concept_set.concepts.values()),
+              "steps": args.steps, "batch_size": args.batch_size, **throughput, **overhead}
+    print(table(result))
+    return result
+
+
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
+
+
+def concepts_and_prompts(args):
+    """The concept set and the prompts of the build: the paper's for --model, else shapes captions."""
     from headscope.concepts import ConceptSet
     from headscope.shapes.world import SceneSampler
 
-    if args.tiny:
-        from headscope.testing import build_tiny_shapes
-
-        pipe, model = build_tiny_shapes(), "tiny random pipeline (headscope.testing.build_tiny_shapes)"
-    else:
-        from headscope import load_pipeline
-
-        pipe, model = load_pipeline(args.model, args.device), args.model or "embedded shapes model"
     concept_set = ConceptSet.load(args.concepts or ("hrv34" if args.model else "shapes"))
     if args.model:
         from headscope.concepts import shipped_text
@@ -78,7 +62,7 @@ def setup(args):
     else:
         sampler = SceneSampler(seed=0)
         prompts = [sampler.sample().caption for _ in range(args.n_prompts)]
-    return pipe, concept_set, prompts[:args.n_prompts], model
+    return concept_set, prompts[:args.n_prompts]
 
 
 def time_build(pipe, concept_set, prompts, args) -> dict:
@@ -144,4 +128,4 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
