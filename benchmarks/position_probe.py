@@ -20,34 +20,31 @@ Results are printed and written atomically to benchmarks/results/position_probe.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "position_probe.json"
+import harness
+
 EDGES = ("left", "right", "top", "bottom")
 
 
-def main(argv=None) -> int:
-    from headscope import load_pipeline
-    from headscope.io import write_json
-    from headscope.shapes.annotate import annotate
-    from headscope.shapes.world import POSITION_PHRASES, POSITIONS
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes model)")
+def options():
+    parser = harness.parser(__doc__, "position_probe", device=False)
     parser.add_argument("--seeds", type=int, default=12, help="seeds 0..N-1")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args) -> dict:
+    from headscope.shapes.annotate import annotate
+    from headscope.shapes.world import POSITION_PHRASES, POSITIONS
+
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
-    pipe.set_progress_bar_config(disable=True)
+    pipe, model = harness.load(args)
     from headscope.models import model_defaults
 
     guidance = args.guidance if args.guidance is not None else model_defaults(pipe).get("guidance_scale", 7.5)
@@ -105,7 +102,7 @@ def main(argv=None) -> int:
     spread = float(np.mean([np.hypot(*np.subtract(centroids[a][s], centroids[b][s]))
                             for s in range(args.seeds) for a in EDGES for b in EDGES if a < b]))
 
-    result = {"model": args.model or "embedded shapes model", "seeds": args.seeds, "steps": args.steps,
+    result = {"model": model, "seeds": args.seeds, "steps": args.steps,
               "guidance": guidance, "prompts": prompts, "drawn": drawn, "follows_word": follows,
               "same_place_for_every_edge_word": same_place,
               "text_encoder_relative_distance": {"words": words,
@@ -117,18 +114,19 @@ def main(argv=None) -> int:
               "first_step_edge_word_spread_latent_px": round(spread, 3),
               "latent_side": side, "seconds": round(time.perf_counter() - started, 1)}
     print(f"position probe — {result['model']}, {args.seeds} seeds, {args.steps} steps, guidance {guidance}")
-    print(f"{'word':<8}{'follows word':>14}{'first-step centroid (x, y)':>30}")
-    for word in words:
-        print(f"{word:<8}{follows[word]:>14.2f}{str(tuple(mean_centroid[word])):>30}")
+    print(harness.table([[word, follows[word], str(tuple(mean_centroid[word]))] for word in words],
+                        ["word", "follows word", "first-step centroid (x, y)"], digits=2))
     print(f"same place for left, right, top and bottom from one seed: {same_place:.2f} of seeds")
     print(f"edge words' first-step centroids differ by {spread:.2f} latent pixels on average (grid {side}x{side})")
     print("text encoder outputs, distance / norm: at the position word | at the end token (input embeddings)")
-    print("        " + "".join(f"{w:>22}" for w in words))
-    for word, row, row_end, row_in in zip(words, distance, end_distance, input_distance):
-        cells = (f"{v:.3f} | {e:.3f} ({u:.2f})" for v, e, u in zip(row, row_end, row_in))
-        print(f"{word:<8}" + "".join(f"{cell:>22}" for cell in cells))
-    print(f"wrote {write_json(args.out, result)}", file=sys.stderr)
-    return 0
+    print(harness.table([[word, *(f"{v:.3f} | {e:.3f} ({u:.2f})" for v, e, u in zip(row, row_end, row_in))]
+                         for word, row, row_end, row_in in zip(words, distance, end_distance, input_distance)],
+                        ["", *words]))
+    return result
+
+
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
 
 
 if __name__ == "__main__":
