@@ -12,16 +12,15 @@ written atomically to benchmarks/results/vae_reconstruction.json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "vae_reconstruction.json"
+import harness
+
 ATTRIBUTES = ("color", "shape", "size", "position", "fill")
 
 
@@ -33,21 +32,21 @@ def score(objects, truth) -> dict:
     return {attribute: getattr(found, attribute) == getattr(truth, attribute) for attribute in ATTRIBUTES}
 
 
-def main(argv=None) -> int:
-    from headscope import load_pipeline
-    from headscope.io import write_json
-    from headscope.shapes.annotate import annotate
-    from headscope.shapes.world import SceneSampler, render
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes model)")
+def options():
+    parser = harness.parser(__doc__, "vae_reconstruction", device=False)
     parser.add_argument("--n", type=int, default=600, help="scenes")
     parser.add_argument("--seed", type=int, default=4242)
     parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args) -> dict:
+    from headscope.shapes.annotate import annotate
+    from headscope.shapes.world import SceneSampler, render
+
     started = time.perf_counter()
-    vae = load_pipeline(args.model, device="cpu", dtype="fp32").vae
+    pipe, model = harness.load(args)
+    vae = pipe.vae
     sampler = SceneSampler(seed=args.seed)
     scenes = [sampler.single() for _ in range(args.n)]
     rows = {"clean": [], "reconstructed": []}
@@ -72,17 +71,19 @@ def main(argv=None) -> int:
                 groups[record[key]].append(record["color" if key == "_color" else "shape"])
             entry[f"{key[1:]}_by_{key[1:]}"] = {name: round(float(np.mean(v)), 3) for name, v in sorted(groups.items())}
         summary[kind] = entry
-    result = {"model": args.model or "embedded shapes model", "n": args.n, "seed": args.seed,
+    result = {"model": model, "n": args.n, "seed": args.seed,
               "seconds": round(time.perf_counter() - started, 1), "summary": summary}
     print(f"VAE reconstructions read back by the annotator — {result['model']}, {args.n} one-object scenes")
-    print(f"{'':<16}" + "".join(f"{a:>10}" for a in ATTRIBUTES))
-    for kind, entry in summary.items():
-        print(f"{kind:<16}" + "".join(f"{entry[a]:>10.3f}" for a in ATTRIBUTES))
+    print(harness.table([[kind, *(entry[a] for a in ATTRIBUTES)] for kind, entry in summary.items()],
+                        ["", *ATTRIBUTES]))
     for key in ("color_by_color", "shape_by_shape"):
         print(f"reconstructed, {key.replace('_', ' ')}: "
               + ", ".join(f"{name} {value:.2f}" for name, value in summary["reconstructed"][key].items()))
-    print(f"wrote {write_json(args.out, result)}", file=sys.stderr)
-    return 0
+    return result
+
+
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
 
 
 if __name__ == "__main__":
