@@ -40,7 +40,7 @@ from headscope.io import write_json
 RESULTS = Path(__file__).resolve().parent / "results"
 EMBEDDED = "embedded shapes model"
 TINY = {"shapes": "tiny random pipeline of the shapes architecture (headscope.testing.build_tiny_shapes)",
-        "sd": "tiny random SD pipeline with a byte-level tokenizer (headscope.testing.build_tiny_sd)"}
+        "sd": "tiny random SD pipeline (headscope.testing.build_tiny_sd)"}
 INTERRUPTED, FAILED = 130, 2  # the shell's code for SIGINT; the CLI's code for a user's mistake
 
 

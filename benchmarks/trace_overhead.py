@@ -14,72 +14,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from headscope.io import write_json
+import harness
 
-RESULTS = Path(__file__).resolve().parent / "results" / "trace_overhead.json"
 PROMPT = "a red circle and a blue square"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_probe:
-        print(json.dumps(memory_probe(args)))
-        return
-    pipe = load(args)
-    timing = time_runs(pipe, args)
-    memory = {f"{steps} steps": run_probe(args, steps) for steps in (args.short_steps, args.long_steps)}
-    memory[f"{args.long_steps} steps, keep_steps"] = run_probe(args, args.long_steps, keep_steps=True)
-    result = {"model": describe_model(args), "device": str(pipe.device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "prompt": PROMPT,
-              "steps": args.steps, "repeats": args.repeats, "size": list(image_size(pipe, args)),
-              **timing, "memory": memory}
-    print(table(result))
-    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--tiny", action="store_true", help="use a tiny random-weight pipeline")
-    source.add_argument("--model", default=None, help="pipeline folder or hub id (default: embedded model)")
+def options():
+    parser = harness.parser(__doc__, "trace_overhead", tiny="sd")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the timed runs")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each kind")
     parser.add_argument("--short-steps", type=int, default=10)
     parser.add_argument("--long-steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--keep-steps", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
 
 
-def load(args):
-    if args.tiny:
-        from headscope.testing import build_tiny_sd
+def measure(args) -> dict | None:
+    if args.memory_probe:  # a child of run_probe: its one JSON line goes to the parent, no result file
+        print(json.dumps(memory_probe(args)))
+        return None
+    pipe, model = harness.load(args)
+    timing = time_runs(pipe, args)
+    memory = {f"{steps} steps": run_probe(args, steps) for steps in (args.short_steps, args.long_steps)}
+    memory[f"{args.long_steps} steps, keep_steps"] = run_probe(args, args.long_steps, keep_steps=True)
+    result = {"model": model, **harness.machine(pipe), "prompt": PROMPT,
+              "steps": args.steps, "repeats": args.repeats, "size": list(image_size(pipe, args)),
+              **timing, "memory": memory}
+    print(table(result))
+    return result
 
-        return build_tiny_sd(Path(tempfile.mkdtemp(prefix="headscope-bench-")))
-    from headscope import load_pipeline
 
-    return load_pipeline(args.model, args.device)
-
-
-def describe_model(args) -> str:
-    return "tiny random pipeline (headscope.testing)" if args.tiny else (args.model or "embedded shapes model")
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
 
 
 def image_size(pipe, args) -> tuple[int, int]:
@@ -142,7 +118,7 @@ def memory_probe(args) -> dict:
     """Peak memory growth of one traced run of `args.memory_probe` steps over an untraced run."""
     import headscope
 
-    pipe = load(args)
+    pipe, _ = harness.load(args)
     steps = args.memory_probe
     generate(pipe, args, steps)
     cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
@@ -168,19 +144,16 @@ def peak_rss_bytes() -> int:
 
 
 def table(result: dict) -> str:
-    lines = [f"model: {result['model']}  device: {result['device']}  threads: {result['threads']}  "
-             f"size: {result['size'][0]}x{result['size'][1]}  steps: {result['steps']}  repeats: {result['repeats']}",
-             f"{'':<10}{'median s':>10}",
-             f"{'plain':<10}{result['plain_s']:>10.4f}",
-             f"{'traced':<10}{result['traced_s']:>10.4f}",
-             f"{'ratio':<10}{result['ratio']:>10.3f}",
-             "",
-             f"{'trace':<26}{'peak growth MiB':>16}{'trace state MiB':>16}"]
-    for name, probe in result["memory"].items():
-        lines.append(f"{name:<26}{probe['peak_growth_bytes'] / 2**20:>16.2f}"
-                     f"{probe['trace_state_bytes'] / 2**20:>16.3f}")
-    return "\n".join(lines)
+    timing = [("plain", f"{result['plain_s']:.4f}"), ("traced", f"{result['traced_s']:.4f}"),
+              ("ratio", f"{result['ratio']:.3f}")]
+    memory = [(name, f"{probe['peak_growth_bytes'] / 2**20:.2f}", f"{probe['trace_state_bytes'] / 2**20:.3f}")
+              for name, probe in result["memory"].items()]
+    return "\n".join([f"model: {result['model']}  device: {result['device']}  threads: {result['threads']}  "
+                      f"size: {result['size'][0]}x{result['size'][1]}  steps: {result['steps']}  "
+                      f"repeats: {result['repeats']}",
+                      harness.table(timing, ("", "median s")), "",
+                      harness.table(memory, ("trace", "peak growth MiB", "trace state MiB"))])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
