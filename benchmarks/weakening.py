@@ -13,45 +13,15 @@ Printed as a table and written atomically to benchmarks/results/weakening.json.
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
-from pathlib import Path
 
-import torch
+import harness
 
-from headscope.io import write_json
-
-RESULTS = Path(__file__).resolve().parent / "results" / "weakening.json"
 ORDERS = ("morhf", "lerhf", "random")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from headscope.weaken import SHAPES_METRICS, OrderedWeakening, weakening_scenes
-
-    pipe, hrv, model = setup(args)
-    scenes = weakening_scenes(args.n_prompts, seed=args.seed)
-    quarter = hrv.n_heads // 4
-    rows = []
-    for concept in [name for name in hrv.concepts if name.lower() in SHAPES_METRICS]:
-        sweep = OrderedWeakening(concept, hrv, ks=[0, quarter], factor=args.factor, orders=ORDERS,
-                                 seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-                                 batch_size=args.batch_size, progress=True).fit(pipe, scenes)
-        rows.append(concept_row(concept, sweep.summary_, quarter))
-    result = {"model": model, "hrv": (hrv.meta.get("model") or {}).get("name_or_path"), "device": str(pipe.device),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "n_heads": hrv.n_heads, "k": quarter, "factor": args.factor, "n_prompts": len(scenes),
-              "seeds": args.seeds, "steps": args.steps, "rows": rows}
-    print(table(result))
-    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random pipeline; builds a throwaway HRV")
+def options():
+    parser = harness.parser(__doc__, "weakening", tiny="shapes", model=False)
     parser.add_argument("--hrv", default=None, help="HRV file (default: the embedded model's shipped HRV)")
     parser.add_argument("--n-prompts", type=int, default=24)
     parser.add_argument("--seeds", default="0,1", type=lambda text: [int(part) for part in text.split(",")])
@@ -60,32 +30,48 @@ def parse_args(argv):
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--factor", type=float, default=-2.0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args(argv)
+    return parser
 
 
-def setup(args):
+def measure(args) -> dict:
+    from headscope.weaken import SHAPES_METRICS, OrderedWeakening, weakening_scenes
+
+    pipe, model = harness.load(args)
+    hrv = load_hrv(pipe, args)
+    scenes = weakening_scenes(args.n_prompts, seed=args.seed)
+    quarter = hrv.n_heads // 4
+    rows = []
+    for concept in [name for name in hrv.concepts if name.lower() in SHAPES_METRICS]:
+        sweep = OrderedWeakening(concept, hrv, ks=[0, quarter], factor=args.factor, orders=ORDERS,
+                                 seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+                                 batch_size=args.batch_size, progress=True).fit(pipe, scenes)
+        rows.append(concept_row(concept, sweep.summary_, quarter))
+    result = {"model": model, "hrv": (hrv.meta.get("model") or {}).get("name_or_path"), **harness.machine(pipe),
+              "n_heads": hrv.n_heads, "k": quarter, "factor": args.factor, "n_prompts": len(scenes),
+              "seeds": args.seeds, "steps": args.steps, "rows": rows}
+    print(table(result))
+    return result
+
+
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
+
+
+def load_hrv(pipe, args):
+    """--tiny: a throwaway HRV built on 8 captions; else --hrv, or the embedded model's shipped HRV."""
     from headscope.hrv import HRV
 
     if args.tiny:
         from headscope.concepts import ConceptSet
         from headscope.hrv import HRVBuilder
         from headscope.shapes.world import SceneSampler
-        from headscope.testing import build_tiny_shapes
 
-        pipe = build_tiny_shapes()
         sampler = SceneSampler(seed=1)
         prompts = [sampler.sample().caption for _ in range(8)]
-        hrv = HRVBuilder(ConceptSet.load("shapes"), steps=args.steps or 5).fit(pipe, prompts).hrv_
-        return pipe, hrv, "tiny random pipeline (headscope.testing.build_tiny_shapes)"
-    from headscope import load_pipeline
-
-    pipe = load_pipeline(None, args.device)
+        return HRVBuilder(ConceptSet.load("shapes"), steps=args.steps or 5).fit(pipe, prompts).hrv_
     hrv = HRV.load(args.hrv) if args.hrv else HRV.for_pipeline(pipe)
     hrv.check_compatible(pipe)
-    return pipe, hrv, "embedded shapes model"
+    return hrv
 
 
 def concept_row(concept: str, summary: list[dict], quarter: int) -> dict:
@@ -104,20 +90,13 @@ def concept_row(concept: str, summary: list[dict], quarter: int) -> dict:
 
 
 def table(result: dict) -> str:
-    header = (f"{'concept':<10}{'accuracy':>9}{'MoRHF drop':>12}{'LeRHF drop':>12}{'random drop':>13}"
-              f"{'others, MoRHF':>15}{'others, LeRHF':>15}")
-    lines = [f"ordered weakening, k = {result['k']} of {result['n_heads']} heads (a quarter), factor {result['factor']}, "
-             f"{result['n_prompts']} prompts x {len(result['seeds'])} seeds — {result['model']}", header]
-
-    def cell(value, width):
-        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.3f}"
-
-    for row in result["rows"]:
-        lines.append(f"{row['concept']:<10}{cell(row['accuracy'], 9)}{cell(row['drop_morhf'], 12)}"
-                     f"{cell(row['drop_lerhf'], 12)}{cell(row['drop_random'], 13)}"
-                     f"{cell(row['others_drop_morhf'], 15)}{cell(row['others_drop_lerhf'], 15)}")
-    return "\n".join(lines)
+    keys = ("accuracy", "drop_morhf", "drop_lerhf", "drop_random", "others_drop_morhf", "others_drop_lerhf")
+    return (f"ordered weakening, k = {result['k']} of {result['n_heads']} heads (a quarter), factor {result['factor']}, "
+            f"{result['n_prompts']} prompts x {len(result['seeds'])} seeds — {result['model']}\n"
+            + harness.table([[row["concept"], *(row[key] for key in keys)] for row in result["rows"]],
+                            ("concept", "accuracy", "MoRHF drop", "LeRHF drop", "random drop", "others, MoRHF",
+                             "others, LeRHF")))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
