@@ -137,8 +137,8 @@ def machine(pipe) -> dict:
             "machine": platform.machine()}
 
 
-def table(rows: Sequence[Sequence], columns: Sequence[str], *, digits: int = 3) -> str:
-    """The rows under a header of column names, as text: the first column left-aligned, the others
+def table(rows: Sequence[Sequence], columns: Sequence[str], *, digits: int = 3, left: int = 1) -> str:
+    """The rows under a header of column names, as text: the first `left` columns left-aligned, the others
     right-aligned, each as wide as its widest cell; floats with `digits` decimals, None as n/a."""
     def show(cell) -> str:
         if cell is None:
@@ -147,8 +147,8 @@ def table(rows: Sequence[Sequence], columns: Sequence[str], *, digits: int = 3) 
 
     lines = [list(columns)] + [[show(cell) for cell in row] for row in rows]
     widths = [max(len(line[column]) for line in lines) for column in range(len(columns))]
-    return "\n".join("  ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
-                                                              in zip(line[1:], widths[1:])]).rstrip()
+    return "\n".join("  ".join(cell.ljust(width) if column < left else cell.rjust(width)
+                               for column, (cell, width) in enumerate(zip(line, widths))).rstrip()
                      for line in lines)
 
 

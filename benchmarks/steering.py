@@ -42,22 +42,19 @@ Results are printed as a table and written atomically to benchmarks/results/stee
 """
 from __future__ import annotations
 
-import argparse
-import warnings
-import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from headscope.io import write_json
+import harness
+from headscope.errors import HeadscopeError
 
-RESULTS = Path(__file__).resolve().parent / "results" / "steering.json"
 TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening", "binding")
 NEGLECT_METHODS = ("plain", "ae", "ae-hrv", "heads", "diffusers-ae")
 CROWDED_METHODS = ("plain", "ae", "ae-hrv", "heads")
@@ -66,18 +63,32 @@ SHEET_ROWS = 8  # prompts per contact sheet (--images)
 BACKGROUND_TOLERANCE = 16  # a background pixel is unchanged when no channel moved by more than this (0-255)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def options():
+    parser = harness.parser(__doc__, "steering", tiny="sd")
+    parser.add_argument("--hrv", default=None, help="HRV file (default: the model's own HRV; --tiny: a random one)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--n-prompts", type=int, default=None, help="prompts per task (default 50; --tiny: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; --tiny: 4)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--low-guidance", type=float, default=2.0, help="guidance of the strengthening task")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each kind for the overhead task")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help=f"also write a contact sheet of each prompt set's first {SHEET_ROWS} prompts here")
+    return parser
+
+
+def measure(args) -> dict:
+    if args.n_prompts is None:
+        args.n_prompts = 4 if args.tiny else 50
+    if args.n_prompts < 1:
+        raise HeadscopeError(f"--n-prompts must be at least 1, not {args.n_prompts}")
     _quiet()
-    pipe, hrv = load(args)
+    pipe, model = harness.load(args)
+    hrv = load_hrv(pipe, args)
     steps, guidance = settings(pipe, args)
     context = Context(pipe, hrv, args, steps, guidance)
-    result = {"model": "tiny random pipeline" if args.tiny else (args.model or "embedded shapes model"),
-              "hrv": args.hrv or ("random (tiny)" if args.tiny else "model default"), "device": str(pipe.device),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "steps": steps, "guidance": guidance, "n_prompts": args.n_prompts, "tasks": {}}
+    result = {"model": model, "hrv": args.hrv or ("random (tiny)" if args.tiny else "model default"),
+              **harness.machine(pipe), "steps": steps, "guidance": guidance, "n_prompts": args.n_prompts, "tasks": {}}
     for task in args.tasks:
         started = time.perf_counter()
         print(f"[steering] {task}...", file=sys.stderr, flush=True)
@@ -87,32 +98,11 @@ def main(argv=None) -> None:
     for name, rows in context.sheets.items():
         path = Path(args.images) / (name.replace("/", "-") + ".png")
         print(f"wrote {save_sheet(contact_sheet(name, rows), path)}", file=sys.stderr)
-    print(f"wrote {write_json(Path(args.out), result)}", file=sys.stderr)
+    return result
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--tiny", action="store_true", help="tiny random-weight pipeline and random HRV (smoke run)")
-    source.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded model)")
-    parser.add_argument("--hrv", default=None, help="HRV file (default: the model's own HRV)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--n-prompts", type=int, default=None, help="prompts per task (default 50; --tiny: 4)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; --tiny: 4)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--low-guidance", type=float, default=2.0, help="guidance of the strengthening task")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each kind for the overhead task")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--images", default=None, metavar="DIR",
-                        help=f"also write a contact sheet of each prompt set's first {SHEET_ROWS} prompts here")
-    args = parser.parse_args(argv)
-    if args.n_prompts is None:
-        args.n_prompts = 4 if args.tiny else 50
-    if args.n_prompts < 1:
-        parser.error("--n-prompts must be at least 1")
-    return args
+def main(argv=None) -> int:
+    return harness.run(measure, options(), argv)
 
 
 def _quiet() -> None:
@@ -124,19 +114,15 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="torch.meshgrid")  # inside diffusers' A&E pipeline
 
 
-def load(args):
-    """(pipeline, HRV)."""
+def load_hrv(pipe, args):
+    """A random HRV for the tiny pipeline; else --hrv, or the model's own."""
     if args.tiny:
-        from headscope.testing import build_tiny_sd, random_hrv
+        from headscope.testing import random_hrv
 
-        pipe = build_tiny_sd(Path(tempfile.mkdtemp(prefix="headscope-steering-")))
-        return pipe, random_hrv(pipe)
-    from headscope import load_pipeline
+        return random_hrv(pipe)
     from headscope.steer import resolve_hrv
 
-    pipe = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, resolve_hrv(pipe, args.hrv)
+    return resolve_hrv(pipe, args.hrv)
 
 
 def settings(pipe, args) -> tuple[int, float]:
@@ -647,30 +633,28 @@ def _background_unchanged(source_image, edited_image, source_objects, edited_obj
 # -- output ---------------------------------------------------------------------------------------
 
 def table(result: dict) -> str:
-    lines = [f"steering benchmark — {result['model']}, HRV {result['hrv']}, {result['steps']} steps, guidance "
-             f"{result['guidance']}, device {result['device']}, {result['threads']} threads",
-             f"{'task':<14}{'variant':<34}{'metric':<30}{'value':>16}{'n':>6}"]
+    rows = []
     for task, values in result["tasks"].items():
         n = values.get("n", "")
         for variant, metrics in values.items():
             if variant == "records":
                 continue
             if isinstance(metrics, dict):
-                for metric, value in metrics.items():
-                    if metric != "n":
-                        lines.append(f"{task:<14}{variant:<34}{metric:<30}{_show(value):>16}{metrics.get('n', n):>6}")
+                rows += [(task, variant, metric, _show(value), metrics.get("n", n))
+                         for metric, value in metrics.items() if metric != "n"]
             elif variant not in ("n", "prompt", "adjust", "guidance", "repeats"):
-                lines.append(f"{task:<14}{'':<34}{variant:<30}{_show(metrics):>16}{n:>6}")
-    return "\n".join(lines)
+                rows.append((task, "", variant, _show(metrics), n))
+    return (f"steering benchmark — {result['model']}, HRV {result['hrv']}, {result['steps']} steps, guidance "
+            f"{result['guidance']}, device {result['device']}, {result['threads']} threads\n"
+            + harness.table(rows, ("task", "variant", "metric", "value", "n"), digits=4, left=3))
 
 
-def _show(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, dict):  # a paired test: prompts only the baseline had : only the variant had, p
+def _show(value):
+    """A paired test as prompts only the baseline had : only the variant had, p; any other value as it is."""
+    if isinstance(value, dict):
         return f"{value['baseline_only']}:{value['variant_only']} p={value['p']:.3f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return value
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

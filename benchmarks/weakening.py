@@ -91,8 +91,9 @@ def concept_row(concept: str, summary: list[dict], quarter: int) -> dict:
 
 def table(result: dict) -> str:
     keys = ("accuracy", "drop_morhf", "drop_lerhf", "drop_random", "others_drop_morhf", "others_drop_lerhf")
-    return (f"ordered weakening, k = {result['k']} of {result['n_heads']} heads (a quarter), factor {result['factor']}, "
-            f"{result['n_prompts']} prompts x {len(result['seeds'])} seeds — {result['model']}\n"
+    return (f"ordered weakening, k = {result['k']} of {result['n_heads']} heads (a quarter), "
+            f"factor {result['factor']}, {result['n_prompts']} prompts x {len(result['seeds'])} seeds — "
+            f"{result['model']}\n"
             + harness.table([[row["concept"], *(row[key] for key in keys)] for row in result["rows"]],
                             ("concept", "accuracy", "MoRHF drop", "LeRHF drop", "random drop", "others, MoRHF",
                              "others, LeRHF")))
