@@ -5,15 +5,37 @@ single punctuation marks. Each word maps to the positions of its tokens in the t
 (position 0 is the start token), which are also the key positions of every cross-attention layer.
 Fast tokenizers give character offsets for each token; for others each word is encoded on its own
 and the pieces are checked against the whole prompt's encoding.
+
+A word the tokenizer can only represent by its unknown token (a word outside a word-level
+vocabulary) is refused: the model would draw something for a token that means nothing, under the
+word's name. `allow_unknown=True`, or the block `with allow_unknown_words():`, lets it through.
+Byte-level BPE tokenizers (CLIP) and SentencePiece ones with every letter (T5) never need the
+unknown token for a plain word.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from headscope.errors import HeadscopeError
 
 WORD_PATTERN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
+VOCABULARY_SHOWN = 60  # plain words listed when a word is refused; a larger vocabulary is cut short
+_ALLOW_UNKNOWN: ContextVar[bool] = ContextVar("headscope_allow_unknown_words", default=False)
+_TOKEN_MARKERS = re.compile(r"^(?:Ġ|▁|##)|</w>$")
+
+
+@contextmanager
+def allow_unknown_words(allowed: bool = True):
+    """Inside the block, `tokenize` (and so every trace and command) accepts words that become the
+    tokenizer's unknown token, unless a call says otherwise."""
+    token = _ALLOW_UNKNOWN.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW_UNKNOWN.reset(token)
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,8 @@ class Tokenization:
         return found
 
 
-def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> Tokenization:
+def tokenize(tokenizer, prompt: str, max_length: int | None = None, *,
+             allow_unknown: bool | None = None) -> Tokenization:
     """Tokenize `prompt` and map each word to its token positions.
 
     Args:
@@ -81,6 +104,9 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> Tokenizat
         prompt: the text.
         max_length: the text encoder's limit in tokens, start/end tokens included; default
             `tokenizer.model_max_length`. A longer prompt raises HeadscopeError (no silent truncation).
+        allow_unknown: accept words that become the tokenizer's unknown token. False raises
+            HeadscopeError naming them and listing the vocabulary's words; None (default) follows the
+            enclosing `allow_unknown_words()` block, else False.
     """
     max_length = max_length or tokenizer.model_max_length
     input_ids = list(tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
@@ -93,9 +119,38 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> Tokenizat
     else:
         positions = _positions_by_word(tokenizer, prompt, input_ids, spans)
     words = tuple(Word(text, start, end, tuple(pos)) for (text, start, end), pos in zip(spans, positions))
+    if not (_ALLOW_UNKNOWN.get() if allow_unknown is None else allow_unknown):
+        _refuse_unknown(tokenizer, input_ids, words)
     return Tokenization(prompt=prompt, input_ids=tuple(input_ids),
                         tokens=tuple(tokenizer.convert_ids_to_tokens(input_ids)),
                         words=words, max_length=max_length)
+
+
+def _refuse_unknown(tokenizer, input_ids: list[int], words) -> None:
+    """HeadscopeError naming the words whose tokens include the unknown token, with the known words."""
+    unknown_id = getattr(tokenizer, "unk_token_id", None)
+    if unknown_id is None:
+        return
+    unknown = list(dict.fromkeys(word.text for word in words
+                                 if any(input_ids[position] == unknown_id for position in word.positions)))
+    if not unknown:
+        return
+    known = known_words(tokenizer)
+    shown = ", ".join(known[:VOCABULARY_SHOWN])
+    more = f" and {len(known) - VOCABULARY_SHOWN:,} more" if len(known) > VOCABULARY_SHOWN else ""
+    names = ", ".join(repr(word) for word in unknown)
+    raise HeadscopeError(f"{names} {'is' if len(unknown) == 1 else 'are'} not in this model's vocabulary (its "
+                         f"tokenizer would feed the unknown token {tokenizer.unk_token}); the words it knows: "
+                         f"{shown or '(none)'}{more}. Rephrase with those words, or pass --allow-unknown-words "
+                         "(API: allow_unknown=True) to use the unknown token anyway")
+
+
+def known_words(tokenizer) -> list[str]:
+    """The plain words of a tokenizer's vocabulary, sorted: whole-word tokens made of letters or digits,
+    BPE / SentencePiece markers removed, special tokens left out."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    words = {_TOKEN_MARKERS.sub("", token) for token in tokenizer.get_vocab() if token not in special}
+    return sorted(word for word in words if word.isalnum())
 
 
 def _positions_from_offsets(tokenizer, prompt: str, spans) -> list[list[int]]:

@@ -35,7 +35,8 @@ from headscope.steps import StepWindow
 from headscope.tokens import Tokenization, tokenize
 
 
-def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hooks=(), maps: bool = True) -> "Trace":
+def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hooks=(), maps: bool = True,
+          allow_unknown: bool | None = None) -> "Trace":
     """A context manager that records the cross-attention heads of `pipe` during `pipe(...)` calls.
 
     Args:
@@ -48,16 +49,19 @@ def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hoo
         hooks: extra readers and writers (`headscope.processor.Hook`), run after the built-in reader.
         maps: run the built-in heat-map reader (DAAM maps). False leaves it out, so only `hooks` run and
             no attention probabilities are computed unless a hook asks; word maps are then unavailable.
+        allow_unknown: accept prompt words the tokenizer can only represent by its unknown token (see
+            `headscope.tokens.tokenize`); by default they raise HeadscopeError.
 
     Results describe the latest pipeline call made inside the `with` block and stay readable after it.
     """
-    return Trace(pipe, keep_steps=keep_steps, steps=steps, rows=rows, hooks=hooks, maps=maps)
+    return Trace(pipe, keep_steps=keep_steps, steps=steps, rows=rows, hooks=hooks, maps=maps,
+                 allow_unknown=allow_unknown)
 
 
 class Trace:
     """The object `trace()` returns: install on enter, restore on exit, read maps afterwards."""
 
-    def __init__(self, pipe, *, keep_steps=False, steps=None, rows="cond", hooks=(), maps=True):
+    def __init__(self, pipe, *, keep_steps=False, steps=None, rows="cond", hooks=(), maps=True, allow_unknown=None):
         if rows not in ROW_KINDS:
             raise HeadscopeError(f"rows={rows!r}; use one of {', '.join(ROW_KINDS)}")
         for hook in hooks:
@@ -69,6 +73,7 @@ class Trace:
         self.index = HeadIndex.from_unet(pipe.unet)
         self.reducer = daam.HeatMapReducer(rows=rows, window=StepWindow.parse(steps), keep_steps=keep_steps)
         self.maps = maps
+        self.allow_unknown = allow_unknown
         self.hooks = Hooks([self.reducer, *hooks] if maps else list(hooks))
         self.prompts: list[str] | None = None
         self.negative_prompts: list[str] | None = None
@@ -156,12 +161,14 @@ class Trace:
             negatives = negatives * n_prompts
         self.negative_prompts = negatives
         self._tokenizations = {}
-        max_length = self._max_length()
+        max_length, allow = self._max_length(), self.allow_unknown
         if prompts is not None:
-            self._tokenizations["cond"] = [tokenize(self.pipe.tokenizer, text, max_length) for text in prompts]
+            self._tokenizations["cond"] = [tokenize(self.pipe.tokenizer, text, max_length, allow_unknown=allow)
+                                          for text in prompts]
             self._check_second_prompts(arguments)
         if negatives is not None and self.reducer.rows != "cond":
-            self._tokenizations["uncond"] = [tokenize(self.pipe.tokenizer, text, max_length) for text in negatives]
+            self._tokenizations["uncond"] = [tokenize(self.pipe.tokenizer, text, max_length, allow_unknown=allow)
+                                            for text in negatives]
         # Keep only the keys up to the longest recorded prompt's end token; all keys when text is unknown.
         groups = [self._tokenizations.get(kind) for kind in self._recorded_kinds()]
         self.reducer.key_limit = (None if any(group is None for group in groups)
@@ -177,7 +184,8 @@ class Trace:
         tokenizer = getattr(self.pipe, "tokenizer_2", None)
         if second is not None and tokenizer is not None:
             for text in second:
-                tokenize(tokenizer, text, self._max_length(tokenizer, "text_encoder_2"))
+                tokenize(tokenizer, text, self._max_length(tokenizer, "text_encoder_2"),
+                         allow_unknown=self.allow_unknown)
 
     def _max_length(self, tokenizer=None, encoder_name="text_encoder") -> int:
         tokenizer = tokenizer or self.pipe.tokenizer

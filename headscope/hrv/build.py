@@ -58,6 +58,7 @@ class HRVBuilder:
 
     def fit(self, pipe, prompts) -> "HRVBuilder":
         prompts = self._check(prompts)
+        _check_words(pipe, prompts)
         steps, guidance = generation_defaults(pipe)
         steps = self.steps or steps
         guidance = self.guidance if self.guidance is not None else guidance
@@ -127,6 +128,19 @@ class HRVBuilder:
         reader.begin(prompt_indices)
         generators = [torch.Generator("cpu").manual_seed(prompt_seed(self.seed, i, "latents")) for i in prompt_indices]
         pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent")
+
+
+def _check_words(pipe, prompts: list[str]) -> None:
+    """Refuse, before generating anything, a prompt that is too long or has words the model cannot represent."""
+    from headscope.steer.scale import max_length
+    from headscope.tokens import tokenize
+
+    limit = max_length(pipe)
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            tokenize(pipe.tokenizer, prompt, limit)
+        except HeadscopeError as error:
+            raise HeadscopeError(f"prompt {number} ({prompt!r}): {error}") from None
 
 
 def _prompts_hash(prompts: list[str]) -> str:
