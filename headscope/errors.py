@@ -1,4 +1,16 @@
 """User-facing errors: one line that names the problem and the fix."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+_FIXES = {errno.ENOSPC: "free some disk space or write elsewhere",
+          errno.EDQUOT: "free some of your disk quota or write elsewhere",
+          errno.EACCES: "make the folder writable or write elsewhere",
+          errno.EPERM: "make the folder writable or write elsewhere",
+          errno.EROFS: "the file system is read-only: write elsewhere",
+          errno.ENOTDIR: "a part of the path is a file, not a folder: write elsewhere",
+          errno.EISDIR: "a folder is in the way: remove it or write elsewhere"}
 
 
 class HeadscopeError(ValueError):
@@ -6,3 +18,13 @@ class HeadscopeError(ValueError):
 
     The CLI prints its message on one line and exits with code 2; no traceback.
     """
+
+
+class WriteError(HeadscopeError):
+    """A result could not be written (disk full, no permission...); nothing half-written is left behind."""
+
+    def __init__(self, path: str | Path, error: OSError):
+        self.path, self.error = Path(path), error
+        fix = _FIXES.get(error.errno)
+        super().__init__(f"cannot write {path}: {error.strerror or error}; nothing was written"
+                         f"{' (' + fix + ')' if fix else ''}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from headscope.io import atomic_path, replace_folder, write_json
+from headscope.io import atomic_path, replace_folder, uninterrupted, write_json
 from headscope.shapes.model import (ModelConfig, build_scheduler, build_text_encoder, build_unet, build_vae,
                                     latent_size)
 from headscope.shapes.tokenizer import build_tokenizer
@@ -79,11 +79,13 @@ class TrainConfig:
 
 
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Weights as safetensors, trainer state (optimizer, step) as a weights-only torch file."""
-    with atomic_path(path / "weights.safetensors") as temporary:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary))
-    with atomic_path(path / "state.pt") as temporary:
-        torch.save(state, temporary)
+    """Weights as safetensors, trainer state (optimizer, step) as a weights-only torch file; Ctrl-C waits
+    until both are written, so a resumed run never pairs new weights with an old step."""
+    with uninterrupted():
+        with atomic_path(path / "weights.safetensors") as temporary:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary))
+        with atomic_path(path / "state.pt") as temporary:
+            torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path):
