@@ -3,8 +3,10 @@
 A benchmark declares its options on `parser`, measures in a function of the parsed options that
 returns the result, and hands both to `run`:
 
-    OPTIONS = harness.parser(__doc__, "my_benchmark", tiny="shapes")
-    OPTIONS.add_argument("--steps", type=int, default=10)
+    def options():
+        parser = harness.parser(__doc__, "my_benchmark", tiny="shapes")
+        parser.add_argument("--steps", type=int, default=10)
+        return parser
 
     def measure(args) -> dict:
         pipe, model = harness.load(args)
@@ -12,7 +14,7 @@ returns the result, and hands both to `run`:
         return {"model": model, ...}
 
     def main(argv=None) -> int:
-        return harness.run(measure, OPTIONS, argv)
+        return harness.run(measure, options(), argv)
 
 `run` applies --threads, times the call and writes the result once, at the end, through
 `headscope.io.write_json` (atomic), with the command, the machine and the wall time under "run".
@@ -24,6 +26,7 @@ The scripts run as `python benchmarks/NAME.py`, which puts this folder on sys.pa
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -34,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, WriteError
 from headscope.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,11 +83,12 @@ def run(measure: Callable[[argparse.Namespace], dict | None], options: argparse.
     """Parse `argv`, apply --threads, and write what `measure(args)` returns to --out (None: nothing).
 
     Returns 0. Ctrl-C exits with code 130 and a HeadscopeError with code 2, each after one line on
-    stderr; --out is then left as it was.
+    stderr; --out is then left as it was. An --out that cannot be written is refused before measuring.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = options.parse_args(argv)
     try:
+        writable(args.out)
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
@@ -96,6 +100,18 @@ def run(measure: Callable[[argparse.Namespace], dict | None], options: argparse.
     except HeadscopeError as error:
         _fail(args, f"error: {error}", FAILED)
     return 0
+
+
+def writable(out: Path) -> None:
+    """A HeadscopeError now, not after the measurement, where `out` cannot be written; creates its folder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(out, error) from None
+    if out.is_dir():
+        raise HeadscopeError(f"--out {out} is a folder; give the result file's name")
+    if not os.access(out.parent, os.W_OK):
+        raise HeadscopeError(f"cannot write {out}: its folder is not writable; write elsewhere")
 
 
 def _fail(args, message: str, code: int):

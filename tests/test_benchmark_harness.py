@@ -80,6 +80,16 @@ def test_the_result_file_holds_the_result_and_how_it_was_run(tmp_path, capsys):
     assert capsys.readouterr().err == f"wrote {out}\n"
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    measured = []
+    with pytest.raises(SystemExit) as exit_info:
+        harness.run(measured.append, harness.parser("Doc.", "demo"), ["--out", str(blocker / "result.json")])
+    assert exit_info.value.code == 2 and measured == []
+    assert capsys.readouterr().err.startswith(f"demo: error: cannot write {blocker / 'result.json'}: ")
+
+
 def test_a_measurement_that_returns_nothing_writes_no_file(tmp_path):
     out = tmp_path / "result.json"
     assert harness.run(lambda args: None, harness.parser("Doc.", "demo"), ["--out", str(out)]) == 0
