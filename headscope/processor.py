@@ -1,6 +1,7 @@
 """The headscope attention processor and its hook protocol.
 
-One `HeadProcessor` sits on each cross-attention module. It computes attention exactly as diffusers'
+One `HeadProcessor` sits on each cross-attention module of a UNet (joint-attention layers of SD3 and
+Flux get the processors of `headscope.joint`, which speak the same protocol, see there). It computes attention exactly as diffusers'
 `AttnProcessor2_0` does (same ops, same order: outputs are bitwise identical while no hook edits
 anything) and lets hooks look and steer:
 
@@ -21,6 +22,11 @@ Query readers — `Hook.wants_query(ctx)` returns True and `Hook.read_query(ctx,
     layer's projected queries `[rows, heads, query, head_dim]` (the rows named by `hook.rows`, after
     `attn.norm_q`, the dtype the layer computes in), before attention. Cheap: nothing is computed for
     them; HRV concept votes score their own keys against these queries.
+
+Joint attention (SD3, Flux): readers receive the image-query x text-key block `[rows, heads, L_img,
+    L_txt]`, normalised over all keys (image and text) as the model normalises it; value factors
+    `[batch or 1, heads, L_txt]` scale the text keys' values for image queries; query readers get the
+    image queries; `ctx.text_keys` says where the text keys sit in the joint sequence.
 
 Readers see the weights the layer actually applied: after edits, times value factors.
 Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, denoising step,
@@ -48,24 +54,31 @@ ROW_KINDS = ("cond", "uncond", "all")
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """Which UNet batch row belongs to which image, and which rows are conditional.
+    """Which denoiser batch row belongs to which image, and which rows are conditional.
 
-    diffusers' SD / SDXL pipelines with classifier-free guidance run `torch.cat([uncond, cond])`:
+    diffusers' SD / SDXL / SD3 pipelines with classifier-free guidance run `torch.cat([uncond, cond])`:
     rows 0..n-1 are the unconditional (negative-prompt) rows of images 0..n-1 and rows n..2n-1 their
     conditional rows. Without guidance all n rows are conditional. Images are prompt-major: image i
     belongs to prompt i // images_per_prompt.
+
+    `part` is set when guidance runs the denoiser once per kind instead (Flux with `true_cfg_scale`:
+    a conditional call, then a negative-prompt call, each of n rows): every row of this forward is of
+    kind `part`, and `cfg` still says that the run has unconditional rows.
     """
 
     n_images: int
     cfg: bool
     images_per_prompt: int = 1
+    part: str | None = None
 
     @property
     def n_rows(self) -> int:
-        return 2 * self.n_images if self.cfg else self.n_images
+        return 2 * self.n_images if self.cfg and self.part is None else self.n_images
 
     def rows(self, kind: str) -> tuple[int, ...]:
         """Batch rows of one kind ("cond", "uncond" or "all"), ordered by image."""
+        if self.part is not None:
+            return tuple(range(self.n_images)) if kind in (self.part, "all") else ()
         offset = self.n_images if self.cfg else 0
         if kind == "cond":
             return tuple(range(offset, offset + self.n_images))
@@ -75,6 +88,8 @@ class BatchLayout:
 
     def kind(self, row: int) -> str:
         """"cond" or "uncond"."""
+        if self.part is not None:
+            return self.part
         return "uncond" if self.cfg and row < self.n_images else "cond"
 
     def image(self, row: int) -> int:
@@ -87,13 +102,19 @@ class BatchLayout:
 
 @dataclass
 class RunState:
-    """What the trace knows about the current UNet forward; updated by a UNet forward pre-hook."""
+    """What the trace knows about the current denoiser forward; updated by a forward pre-hook.
+
+    `n_text` is the text length of a joint sequence (Flux's single-stream blocks get no separate
+    text input); `recording` is False during a pass that is no step (SD3 skip-layer guidance).
+    """
 
     call: int = -1
     step: int = -1
     n_steps: int | None = None
     layout: BatchLayout | None = None
     latent_hw: tuple[int, int] | None = None
+    n_text: int | None = None
+    recording: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,7 +130,9 @@ class HookContext:
         latent_hw: latent (h, w) of the UNet input.
         query_hw: (h, w) of this layer's query grid; query index = y * w + x.
         rows: batch rows covered by the tensor handed over with this context.
-        n_keys: number of key tokens (text tokens for cross-attention), when known.
+        n_keys: number of text keys (all keys of cross-attention; the text part of a joint sequence).
+        text_keys: joint layers: where the text keys sit in the joint sequence (SD3 [image; text],
+            Flux [text; image]); probs and value factors cover exactly these. None for cross-attention.
     """
 
     layer: LayerInfo
@@ -121,6 +144,7 @@ class HookContext:
     query_hw: tuple[int, int]
     rows: tuple[int, ...]
     n_keys: int | None = None
+    text_keys: slice | None = None
 
 
 class Hook:
@@ -238,13 +262,14 @@ class HeadProcessor:
             _hand_out(readers, ctx, lambda rows: _probs_for_rows(attn, query, key, attention_mask, factors, rows))
         return attended
 
-    def _context(self, query_hw: tuple[int, int], batch_size: int, n_keys: int | None = None) -> HookContext:
+    def _context(self, query_hw: tuple[int, int], batch_size: int, n_keys: int | None = None,
+                 text_keys: slice | None = None) -> HookContext:
         state = self.hooks.state
         layout = state.layout or BatchLayout(n_images=batch_size, cfg=False)
         layer = self.layer if self.layer.resolution == query_hw else replace(self.layer, resolution=query_hw)
         return HookContext(layer=layer, call=state.call, step=state.step, n_steps=state.n_steps,
                            layout=layout, latent_hw=state.latent_hw or query_hw, query_hw=query_hw,
-                           rows=tuple(range(batch_size)), n_keys=n_keys)
+                           rows=tuple(range(batch_size)), n_keys=n_keys, text_keys=text_keys)
 
     def _query_hw(self, n_query: int) -> tuple[int, int]:
         """(h, w) of a flattened query grid of `n_query` positions."""

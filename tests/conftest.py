@@ -26,3 +26,17 @@ def tiny_sd_folder(tiny_sd, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd-saved") / "pipeline"
     tiny_sd.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from headscope.testing_joint import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from headscope.testing_joint import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))

@@ -9,13 +9,48 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from headscope.backbones.base import Backbone, DenoiserCall, TextSlot, head_dim
 from headscope.errors import HeadscopeError
 from headscope.heads import LayerInfo, resolution_at
-from headscope.processor import Hooks, SelfAttentionProcessor
+from headscope.processor import HeadProcessor, Hooks, SelfAttentionProcessor
 
 # Processors that compute plain softmax attention; HeadProcessor and SelfAttentionProcessor do the same maths.
 # Others (IP-Adapter, custom ones) do more, and silently replacing them would change the model.
-PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"}
+PLAIN_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor"})
+
+
+class UNetBackbone(Backbone):
+    """SD 1.x / 2.x / XL: cross-attention modules; CFG is one [uncond; cond] batch; keys = CLIP tokens."""
+
+    family = "unet"
+    description = "UNet2DConditionModel (SD 1.x / 2.x / XL)"
+    plain_processors = PLAIN_PROCESSORS
+    restore_hint = " (call pipe.unet.set_default_attn_processor() first if that is what you want)"
+
+    @classmethod
+    def accepts(cls, model) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(model, UNet2DConditionModel)
+
+    def default_latent_hw(self) -> tuple[int, int]:
+        size = self.model.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def layers(self, latent_hw: tuple[int, int]) -> list[LayerInfo]:
+        return cross_attention_layers(self.model, latent_hw)
+
+    def make_processor(self, layer: LayerInfo, hooks: Hooks) -> HeadProcessor:
+        return HeadProcessor(layer, hooks)
+
+    def denoiser_call(self, args: tuple, kwargs: dict) -> DenoiserCall:
+        sample = args[0] if args else kwargs["sample"]
+        return DenoiserCall(n_rows=sample.shape[0], latent_hw=tuple(sample.shape[-2:]))
+
+    def text_slots(self, pipe, arguments: dict) -> list[TextSlot]:
+        # SDXL's prompt_2 goes through tokenizer_2 into the same key positions: checked, not mapped.
+        return [TextSlot("clip", "tokenizer", "text_encoder", 0, None, ("prompt",), ("negative_prompt",)),
+                TextSlot("clip", "tokenizer_2", "text_encoder_2", 0, None, ("prompt_2",), keys=False)]
 
 
 def cross_attention_layers(unet, latent_hw: tuple[int, int]) -> list[LayerInfo]:
@@ -76,11 +111,6 @@ def self_attention_processors(unet, hooks: Hooks, latent_hw: tuple[int, int] | N
         for layer in layers:
             restored[f"{layer.name}.processor"] = originals[f"{layer.name}.processor"]
         unet.set_attn_processor(restored)
-
-
-def head_dim(attn) -> int:
-    """Channels per head of an `Attention` module."""
-    return attn.to_q.out_features // attn.heads
 
 
 def blocks_in_execution_order(unet):

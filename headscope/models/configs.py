@@ -1,8 +1,10 @@
-"""UNet configs of real models (as in their `unet/config.json`), for head indexes built without weights.
+"""Denoiser configs of real models (as in their `unet/` or `transformer/config.json`), for head indexes
+built without weights.
 
 `HeadIndex.from_config(SD15_UNET_CONFIG)` lays out SD 1.x's 128 cross-attention heads (SD 1.4 and 1.5
 share one UNet config), `HeadIndex.from_config(SDXL_BASE_UNET_CONFIG)` SDXL base 1.0's 1,300 — the
-column layouts of the HRV paper's arrays.
+column layouts of the HRV paper's arrays. The transformer configs give SD3-medium's 576 joint-attention
+heads (24 blocks x 24), SD3.5-large's 1,444 (38 x 38) and Flux.1-dev's 1,368 ((19 double + 38 single) x 24).
 """
 from __future__ import annotations
 
@@ -25,6 +27,25 @@ SDXL_BASE_UNET_CONFIG = {
     "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
     "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+
+SD3_MEDIUM_TRANSFORMER_CONFIG = {
+    "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
+    "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16,
+    "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
+}
+
+SD35_LARGE_TRANSFORMER_CONFIG = {
+    "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 2432,
+    "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 38, "num_layers": 38, "out_channels": 16,
+    "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+
+FLUX_DEV_TRANSFORMER_CONFIG = {
+    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+    "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
 }
 
 # The HRV paper's official arrays: which model each layout stands for.
