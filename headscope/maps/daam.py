@@ -10,6 +10,10 @@ with each head's map upsampled to the image size on its own (bicubic, negatives 
 overshoot clamped to 0, as in DAAM; or "box": every latent cell's value fills its block unchanged).
 DAAM sums over time; we divide by the number of steps so values do not grow with the step count —
 after `normalize` the two are the same map.
+
+Joint attention (SD3, Flux) works the same: the reader gets each head's image-query x text-key block
+(normalised over all keys, as the model normalises it; `normalize="text"` renormalises it over the text
+keys), at the layer's token grid.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from headscope.errors import HeadscopeError
+from headscope.joint import renormalised_over_text
 from headscope.maps import select
 from headscope.processor import Hook, HookContext, RunState
 from headscope.steps import StepWindow
@@ -33,12 +38,16 @@ class HeatMapReducer(Hook):
         kind_steps[kind] : the steps recorded for each kind (`steps`: all of them)
     `kind` is "cond" or "uncond"; `keys` stops at `key_limit` (the longest prompt's end token) when
     the trace knows the prompt text. Memory is independent of the step count unless keep_steps.
+    `normalize="text"` divides each query's text-key weights by their sum first (joint attention: the
+    text share of a softmax over image and text keys; a no-op for cross-attention).
     """
 
-    def __init__(self, rows: str = "cond", window: StepWindow = StepWindow(), keep_steps: bool = False):
+    def __init__(self, rows: str = "cond", window: StepWindow = StepWindow(), keep_steps: bool = False,
+                 normalize: str = "model"):
         self.rows = rows
         self.window = window
         self.keep_steps = keep_steps
+        self.normalize = normalize
         self.key_limit: int | None = None
         self._window_steps: set[int] | None = None
         self._reset()
@@ -66,7 +75,10 @@ class HeatMapReducer(Hook):
 
     def read(self, ctx: HookContext, probs: torch.Tensor) -> None:
         """probs: [rows, heads, query, key] -> added to sums[kind][layer][images]."""
-        probs = probs.detach()[..., :self.key_limit]
+        probs = probs.detach()
+        if self.normalize == "text":
+            probs = renormalised_over_text(probs.float())
+        probs = probs[..., :self.key_limit]
         n_rows, heads, _, n_keys = probs.shape
         height, width = ctx.query_hw
         maps = probs.transpose(-1, -2).reshape(n_rows, heads, n_keys, height, width)  # [rows, heads, keys, h, w]
@@ -109,7 +121,7 @@ class HeatMapReducer(Hook):
 def word_map(trace, word: str, *, occurrence: int = 0, layers=None, heads=None, steps=None,
              image: int = 0, rows: str = "cond", upsample: str = "bicubic", method: str = "daam",
              weights=None, hrv=None, concept: str | None = None, k: int | None = None,
-             min_relevance: float | None = None) -> torch.Tensor:
+             min_relevance: float | None = None, encoder: str | None = None) -> torch.Tensor:
     """Heat map of `word` for one image: [H, W] at image resolution, float32, >= 0.
 
     Args:
@@ -127,8 +139,10 @@ def word_map(trace, word: str, *, occurrence: int = 0, layers=None, heads=None, 
         image: which generated image (prompt-major: prompt i // images_per_prompt).
         rows: "cond" (the prompt) or "uncond" (the negative prompt, when it was recorded).
         upsample: "bicubic" (DAAM) or "box".
+        encoder: whose tokens of the word to use: "clip" or "t5" (SD3 has both: CLIP by default, T5 when
+            traced with encoder="t5"; Flux has T5 only); default the trace's encoder.
     """
-    positions = trace.tokenization(image, rows).positions(word, occurrence)
+    positions = trace.tokenization(image, rows, encoder).positions(word, occurrence)
     head_weights = select.head_weights(trace, word, method=method, hrv=hrv, concept=concept, k=k,
                                        min_relevance=min_relevance, weights=weights, heads=heads)
     return _aggregate(trace, positions, layers=layers, heads=heads if head_weights is None else None, steps=steps,
@@ -136,17 +150,17 @@ def word_map(trace, word: str, *, occurrence: int = 0, layers=None, heads=None, 
 
 
 def token_maps(trace, *, layers=None, heads=None, steps=None, image: int = 0, rows: str = "cond",
-               upsample: str = "bicubic") -> torch.Tensor:
+               upsample: str = "bicubic", encoder: str | None = None) -> torch.Tensor:
     """Heat map of every token of the prompt (start and end tokens included): [tokens, H, W]."""
-    n_tokens = len(trace.tokenization(image, rows))
+    positions = trace.tokenization(image, rows, encoder).key_positions()
     return torch.stack([_aggregate(trace, [position], layers=layers, heads=heads, steps=steps, image=image,
-                                   rows=rows, upsample=upsample) for position in range(n_tokens)])
+                                   rows=rows, upsample=upsample) for position in positions])
 
 
 def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int = 0, rows: str = "cond",
               size: tuple[int, int] | None = None, upsample: str = "bicubic", method: str = "daam",
               weights=None, hrv=None, concept: str | None = None, k: int | None = None,
-              min_relevance: float | None = None) -> torch.Tensor:
+              min_relevance: float | None = None, encoder: str | None = None) -> torch.Tensor:
     """Per-head maps of `word`: [n_heads, h, w] in flat-id order.
 
     Each head's map is the mean over the word's tokens and over steps of its attention probabilities
@@ -156,7 +170,7 @@ def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int =
     the heads a selective map leaves out), as `word_map` sums them.
     """
     _check_mode(upsample)
-    positions = trace.tokenization(image, rows).positions(word, occurrence)
+    positions = trace.tokenization(image, rows, encoder).positions(word, occurrence)
     chosen_steps = _chosen_steps(trace, steps, rows)
     size = tuple(size or trace.index.latent_hw)
     per_layer = [_upsample(trace.reducer.layer_maps(rows, layer.index, image, positions, chosen_steps), size, upsample)
