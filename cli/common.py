@@ -1,5 +1,8 @@
-"""What several commands share: model options, loading, and the generation settings a model defaults to."""
+"""What several commands share: model options, loading, the generation settings a model defaults to,
+and the option types and callbacks that check input before anything runs."""
 from __future__ import annotations
+
+import math
 
 import click
 
@@ -7,6 +10,42 @@ from headscope.errors import HeadscopeError
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+SEED = click.IntRange(0, 2**63 - 1)  # what torch, numpy and Python's random all take
+
+
+class Finite(click.FloatRange):
+    """A float option that refuses nan and inf (click's FloatRange lets nan through every bound)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def claim_output(ctx, param, value):
+    """Option callback: hold the output path for this run (`headscope.io.output_lock`), so that a second
+    run into the same --out is refused at once, naming the first; released when the command ends."""
+    if value is not None:
+        from headscope.io import output_lock
+
+        # On the root context: a later option can still fail to parse, and then only the root is closed.
+        ctx.find_root().with_resource(output_lock(value))
+    return value
+
+
+def _allow_unknown(ctx, param, value):
+    if value:
+        from headscope.tokens import allow_unknown_words
+
+        ctx.find_root().with_resource(allow_unknown_words())  # the root: see claim_output
+
+
+allow_unknown_option = click.option(
+    "--allow-unknown-words", is_flag=True, expose_value=False, callback=_allow_unknown,
+    help="Accept prompt words the model's tokenizer can only turn into its unknown token (refused by default).")
 
 
 def model_options(command):

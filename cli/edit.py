@@ -14,7 +14,8 @@ import click
 
 from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
 from headscope.errors import HeadscopeError
-from headscope_cli.common import DEFAULT_GUIDANCE, DEFAULT_STEPS, generation_settings, load_model, model_options
+from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite, allow_unknown_option, claim_output,
+                                  generation_settings, load_model, model_options)
 EDIT_EXAMPLES = """
 \b
 Examples:
@@ -30,10 +31,10 @@ FILES = ("source.png", "edited.png", "comparison.png", "run.json")
 @click.argument("source_prompt")
 @click.argument("target_prompt")
 @model_options
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (both runs start from its noise).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed (both runs start from its noise).")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}].")
-@click.option("--guidance", default=None, type=click.FloatRange(min=0.0),
+@click.option("--guidance", default=None, type=Finite(min=0.0),
               help=f"Classifier-free guidance scale [default: the model's, else {DEFAULT_GUIDANCE}].")
 @click.option("--cross-steps", default=DEFAULT_CROSS, show_default=True, type=FRACTION, metavar="FRACTION",
               help="Inject the source's cross-attention maps over this first fraction of the steps (0: never).")
@@ -41,12 +42,13 @@ FILES = ("source.png", "edited.png", "comparison.png", "run.json")
               help="Inject the source's coarse self-attention over this first fraction of the steps (0: never).")
 @click.option("--concept", default=None,
               help="P2P-HRV: strengthen the swapped word's maps by this concept's HRV (e.g. color).")
-@click.option("--strength", default=None, type=float,
+@click.option("--strength", default=None, type=Finite(),
               help="P2P-HRV factor 1 + STRENGTH * (HRV - 1); 1 is the paper's x HRV [default: 1].")
 @click.option("--hrv", "hrv_file", default=None, type=click.Path(dir_okay=True),
               help="HRV file for --concept (default: the model's own HRV).")
 @click.option("--out", default="out/edit", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: source.png, edited.png, comparison.png, run.json.")
+              callback=claim_output, help="Output folder: source.png, edited.png, comparison.png, run.json.")
+@allow_unknown_option
 def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps, self_steps, concept, strength,
          hrv_file, out, device, dtype):
     """Edit the image of SOURCE_PROMPT into TARGET_PROMPT by swapping a word (prompt-to-prompt).
@@ -101,9 +103,9 @@ def write_edit(out: Path, source, edited, run: dict) -> None:
     """The two images, their side-by-side figure and run.json, moved into `out` together."""
     from headscope.io import write_json
     from headscope.viz import comparison_figure, save_figure
-    from headscope_cli.main import staged_output
+    from headscope.io import staged_folder
 
-    with staged_output(out) as stage:
+    with staged_folder(out) as stage:
         source.save(stage / "source.png")
         edited.save(stage / "edited.png")
         save_figure(comparison_figure(source, edited, run["source_prompt"], run["target_prompt"]),

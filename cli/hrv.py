@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from headscope.errors import HeadscopeError
+from headscope_cli.common import SEED, Finite, allow_unknown_option, claim_output
 
 EXAMPLES = """
 \b
@@ -30,9 +31,21 @@ def _int_list(ctx, param, value):
         items = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 0,4,8") from None
+    if any(item < 0 for item in items):
+        raise click.BadParameter(f"{value!r}: give integers >= 0, e.g. 0,4,8")
     if not items:
         raise click.BadParameter("give at least one integer")
     return items
+
+
+def _hrv_out(ctx, param, value):
+    """--out of build / import: a .hrv file name or a folder name that the result can take; held for this run."""
+    if value.suffix == ".hrv" and value.is_dir():
+        raise click.BadParameter(f"{value} is a folder; give a free .hrv file name (or a folder name without .hrv)")
+    if value.suffix != ".hrv" and value.exists() and not value.is_dir():
+        raise click.BadParameter(f"{value} is a file; an HRV folder goes there: give a .hrv file name or a free "
+                                 "folder name")
+    return claim_output(ctx, param, value)
 
 
 def _word_list(ctx, param, value):
@@ -62,22 +75,24 @@ def hrv():
 @click.option("--n-prompts", default=None, type=click.IntRange(min=1),
               help=f"Use the first N prompts [default: all of the file; {DEFAULT_SHAPES_PROMPTS} sampled captions].")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Denoising steps [default: the model's, else 50].")
-@click.option("--guidance", default=None, type=click.FloatRange(min=0.0), help="Guidance scale [default: the model's, else 7.5].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of word sampling, noise and captions.")
+@click.option("--guidance", default=None, type=Finite(min=0.0), help="Guidance scale [default: the model's, else 7.5].")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of word sampling, noise and captions.")
 @click.option("--soft", is_flag=True, help="Sum mean probabilities instead of argmax votes.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Prompts per call.")
 @click.option("--save-every", default=32, show_default=True, type=click.IntRange(min=1),
               help="Save partial counts to OUT.partial/ after about this many prompts (a rerun resumes).")
 @click.option("--out", default=Path("out/hrv.hrv"), show_default=True, type=click.Path(path_type=Path),
-              help="HRV file (.hrv) or folder to write.")
+              callback=_hrv_out, help="HRV file (.hrv) or folder to write.")
 @click.option("--device", default=None, help="cpu, cuda, mps... (default: best available).")
 @click.option("--dtype", default=None, type=click.Choice(("fp32", "fp16", "bf16")), help="Weights dtype.")
+@allow_unknown_option
 def build_cmd(model, concept_source, chosen, prompts_file, n_prompts, steps, guidance, seed, soft, batch_size,
               save_every, out, device, dtype):
     """Build an HRV from ordinary generations; resumable, and splits across `accelerate launch` processes."""
     from headscope.concepts import ConceptSet
     from headscope.hrv import HRVBuilder, Processes
     from headscope.models import is_shapes_model
+    from headscope_cli.main import RESUME_HINT
 
     shapes_world = is_shapes_model(model)
     concept_set = ConceptSet.load(concept_source or ("shapes" if shapes_world else "hrv34"))
@@ -86,8 +101,11 @@ def build_cmd(model, concept_source, chosen, prompts_file, n_prompts, steps, gui
     with Processes() as processes:
         device = device or processes.device  # under accelerate launch: this process's device
     pipe = _load(model, device, dtype)
+    partial = out.with_name(out.name + ".partial")
     builder = HRVBuilder(concept_set, soft=soft, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                         partial=out.with_name(out.name + ".partial"), save_every=save_every, progress=True)
+                         partial=partial, save_every=save_every, progress=True)
+    click.get_current_context().meta[RESUME_HINT] = (f"votes so far are kept in {partial}/; run the same command "
+                                                     "again to resume")
     builder.fit(pipe, prompts)
     if not builder.is_main_:
         return  # under accelerate launch, the main process writes the file
@@ -108,7 +126,8 @@ def load_prompts(prompts_file: Path | None, n_prompts: int | None, seed: int, *,
         try:
             lines = prompts_file.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            raise HeadscopeError(f"cannot read prompts from {prompts_file}: {error}") from None
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise HeadscopeError(f"cannot read prompts from {prompts_file}: {reason}") from None
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise HeadscopeError(f"{prompts_file} holds no prompts (one prompt per line)")
@@ -145,7 +164,7 @@ def top_table(result, concepts, top: int) -> str:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--concept", "chosen", multiple=True, help="Concept to show (repeatable; default: all).")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="Heads listed per concept.")
-@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path), callback=claim_output,
               help="Folder for figures: a layers x heads map per concept and the similarity matrix.")
 def show_cmd(file, chosen, top, out):
     """Print the top heads of each concept of an HRV FILE; with --out, draw its figures."""
@@ -161,9 +180,10 @@ def show_cmd(file, chosen, top, out):
     if out is None:
         return
     from headscope import viz
-    from headscope_cli.main import _slug, staged_output
+    from headscope.io import staged_folder
+    from headscope_cli.main import _slug
 
-    with staged_output(out) as stage:
+    with staged_folder(out) as stage:
         for concept in chosen:
             viz.save_figure(viz.hrv_heatmap_figure(result, concept, top=top), stage / f"hrv-{_slug(concept)}.png")
         viz.save_figure(viz.hrv_similarity_figure(result), stage / "similarity.png")
@@ -174,7 +194,8 @@ def show_cmd(file, chosen, top, out):
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--layout", required=True, type=click.Choice(("sd15", "sdxl")),
               help="sd15: SD 1.4/1.5 (128 heads); sdxl: SDXL base 1.0 (1,300 heads).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="HRV file (.hrv) or folder to write.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), callback=_hrv_out,
+              help="HRV file (.hrv) or folder to write.")
 def import_cmd(file, layout, out):
     """Turn the HRV paper's official .npy array into a headscope HRV file."""
     from headscope.hrv import HRV
@@ -193,7 +214,7 @@ def import_cmd(file, layout, out):
 @click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
 @click.option("--k", "ks", default=None, callback=_int_list, metavar="K,K,...",
               help="Numbers of weakened heads [default: 0, n/8, n/4, n/2, n].")
-@click.option("--factor", default=-2.0, show_default=True, type=float, help="Map multiplier (0 ablates).")
+@click.option("--factor", default=-2.0, show_default=True, type=Finite(), help="Map multiplier (0 ablates).")
 @click.option("--seeds", default="0,1", show_default=True, callback=_int_list, help="Image seeds.")
 @click.option("--n-prompts", default=16, show_default=True, type=click.IntRange(min=1), help="Prompts to generate.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -204,12 +225,13 @@ def import_cmd(file, layout, out):
 @click.option("--clip", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Local CLIP model folder (transformers) to score plain-text prompts.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Denoising steps [default: the model's].")
-@click.option("--guidance", default=None, type=click.FloatRange(min=0.0), help="Guidance scale [default: the model's].")
+@click.option("--guidance", default=None, type=Finite(min=0.0), help="Guidance scale [default: the model's].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per call.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts and the random order.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the prompts and the random order.")
 @click.option("--out", default=Path("out/weaken"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: weakening.csv, weakening.json, weakening.png.")
+              callback=claim_output, help="Output folder: weakening.csv, weakening.json, weakening.png.")
 @click.option("--device", default=None, help="cpu, cuda, mps... (default: best available).")
+@allow_unknown_option
 def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_file, orders, clip, steps, guidance,
                batch_size, seed, out, device):
     """Ordered weakening: weaken the top-k heads by relevance (MoRHF), least relevant (LeRHF) and random."""
@@ -254,14 +276,13 @@ def write_weakening(out: Path, sweep) -> None:
 
     from headscope import viz
     from headscope.weaken import curve_figure
-    from headscope.io import write_json, write_text
-    from headscope_cli.main import staged_output
+    from headscope.io import staged_folder, write_json, write_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["order", "k", "concept", "role", "mean", "n"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(sweep.summary_)
-    with staged_output(out) as stage:
+    with staged_folder(out) as stage:
         write_text(stage / "weakening.csv", buffer.getvalue())
         payload = {"settings": sweep.settings_, "summary": sweep.summary_, "records": sweep.results_}
         write_json(stage / "weakening.json", payload, indent=1)

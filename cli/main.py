@@ -1,26 +1,26 @@
 """The `headscope` command: generate images, draw DAAM word maps, list a model's heads.
 
-Every user mistake (a HeadscopeError or a click usage error) ends as one line on stderr and exit
-code 2, before anything is written to --out: outputs are staged in a hidden folder next to --out
-and moved in only when everything succeeded.
+Every user mistake (a HeadscopeError, a click usage error, a file that cannot be read or written)
+ends as one line on stderr and exit code 2, before anything is written to --out: outputs are staged
+in a hidden folder next to --out and moved in only when everything succeeded. Ctrl-C ends as one
+line and exit code 130, leaving --out as it was (resumable commands keep their partial results).
+Each run holds its --out (`headscope.io.output_lock`): a second run into the same --out while the
+first is running is refused at once, naming the first.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from headscope import __version__
 from headscope.errors import HeadscopeError
-from headscope.io import write_json
-from headscope_cli.common import DEFAULT_GUIDANCE, DEFAULT_STEPS, generation_settings, load_model, model_options
+from headscope.io import staged_folder, write_json
+from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite, allow_unknown_option, claim_output,
+                                  generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
 from headscope_cli.shapes import shapes
@@ -42,8 +42,13 @@ STEER_EXAMPLES = """\b
 """
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+RESUME_HINT = "headscope.resume_hint"  # ctx.meta key: what a resumable command tells an interrupted user
+
+
 class HeadscopeGroup(click.Group):
-    """A click group whose errors are one line on stderr with exit code 2, never a traceback."""
+    """A click group whose errors are one line on stderr with exit code 2, never a traceback;
+    Ctrl-C is one line and exit code 130."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -54,17 +59,33 @@ class HeadscopeGroup(click.Group):
             _fail(str(error))
         except click.ClickException as error:
             _fail(error.format_message(), code=error.exit_code)
-        except click.Abort:
+        except click.Abort as error:
+            if isinstance(error.__cause__, KeyboardInterrupt):  # Ctrl-C while click parsed the options
+                _interrupted(None)
             _fail("aborted", code=1)
+        except OSError as error:  # a file the user named that cannot be read or written
+            _fail(f"{error.strerror or error}{': ' + str(error.filename) if error.filename else ''}")
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # before click turns it into Abort and prints a blank line
+            _interrupted(ctx.meta.get(RESUME_HINT))
 
 
 def _fail(message: str, ctx: click.Context | None = None, code: int = 2):
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     click.echo(f"headscope: error: {' '.join(str(message).split())}{hint}", err=True)
     sys.exit(code)
+
+
+def _interrupted(hint: str | None):
+    """One line and exit code 130; staged outputs and temporary files are already gone."""
+    click.echo(f"headscope: interrupted{'; ' + hint if hint else ''}", err=True)
+    sys.exit(INTERRUPTED)
 
 
 @click.group(name="headscope", cls=HeadscopeGroup, epilog=EXAMPLES,
@@ -88,10 +109,10 @@ def _quiet_libraries() -> None:
 def generation_options(command):
     """Options shared by `generate` and `daam`."""
     options = [
-        click.option("--seed", default=0, show_default=True, type=int, help="Random seed."),
+        click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed."),
         click.option("--steps", default=None, type=click.IntRange(min=1),
                      help=f"Denoising steps [default: the model's, else {DEFAULT_STEPS}]."),
-        click.option("--guidance", default=None, type=click.FloatRange(min=0.0),
+        click.option("--guidance", default=None, type=Finite(min=0.0),
                      help=f"Classifier-free guidance scale, <= 1 turns it off [default: the model's, else "
                           f"{DEFAULT_GUIDANCE}]."),
         click.option("--negative-prompt", default=None, help="Negative prompt."),
@@ -100,7 +121,8 @@ def generation_options(command):
         click.option("--window", default=None, callback=parse_fractions, metavar="START:END",
                      help="Record only this part of the run, as fractions (e.g. 0:0.5)."),
         click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-                     help="Output folder."),
+                     callback=claim_output, help="Output folder."),
+        allow_unknown_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -175,13 +197,18 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
     """Load, validate, generate, write everything into a staging folder, then move it into `out`."""
     import torch
 
+    from headscope.steer import max_length
     from headscope.tokens import tokenize
 
     pipe = load_model(model, device, dtype)
     steps, guidance = generation_settings(pipe, steps, guidance)
-    tokenization = tokenize(pipe.tokenizer, prompt, _max_length(pipe))
+    tokenization = tokenize(pipe.tokenizer, prompt, max_length(pipe))
+    if negative_prompt:
+        tokenize(pipe.tokenizer, negative_prompt, max_length(pipe))
     if words is not None:
         words = words or list(dict.fromkeys(word.lower() for word in tokenization.word_texts()))
+        if not words:
+            raise HeadscopeError(f"the prompt {prompt!r} has no words to draw maps of; give a prompt with words")
         for word in words:
             tokenization.positions(word)
     plan = plan_steering(pipe, prompt, **steer) if steer else SteeringPlan()
@@ -197,7 +224,7 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
                "files": []}
     if plan.summary:
         summary["steering"] = plan.summary
-    with staged_output(out) as stage:
+    with staged_folder(out) as stage:
         summary["files"] += _write_images(stage, images)
         if words is not None:
             summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
@@ -269,37 +296,11 @@ def _save(figure, stage: Path, relative: str) -> str:
     return relative
 
 
-
-@contextmanager
-def staged_output(out: Path):
-    """Yield a hidden staging folder next to `out`; on success move its files into `out`, else delete it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        yield stage
-        if not out.exists():
-            os.rename(stage, out)
-            return
-        for source in sorted(path for path in stage.rglob("*") if path.is_file()):
-            target = out / source.relative_to(stage)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 def _slug(word: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", word.lower()).strip("-") or "word"
 
 
 # -- models ------------------------------------------------------------------------------------
-
-def _max_length(pipe) -> int:
-    limit = pipe.tokenizer.model_max_length
-    positions = getattr(getattr(pipe.text_encoder, "config", None), "max_position_embeddings", None)
-    return min(limit, positions) if positions else limit
-
 
 def _unet_config(model) -> dict | None:
     """The UNet config of a local pipeline folder (no weights loaded), or None for a hub id."""

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from headscope.errors import HeadscopeError
 from headscope.io import write_json
+from headscope_cli.common import SEED, Finite, claim_output
 
 
 @click.group("shapes")
@@ -16,9 +18,9 @@ def shapes():
 
 @shapes.command("render")
 @click.option("--n", "count", default=16, show_default=True, type=click.IntRange(1, 1024), help="Scenes to render.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/shapes"),
-              show_default=True)
+              show_default=True, callback=claim_output)
 def render_cmd(count: int, seed: int, out: Path):
     """Render sampled scenes with their captions and ground truth (scenes.json) and a contact sheet.
 
@@ -26,19 +28,20 @@ def render_cmd(count: int, seed: int, out: Path):
     """
     from PIL import Image
 
+    from headscope.io import staged_folder
     from headscope.shapes.world import SceneSampler, render
 
-    out.mkdir(parents=True, exist_ok=True)
     sampler = SceneSampler(seed=seed)
     scenes, tiles = [], []
-    for i in range(count):
-        scene = sampler.sample()
-        image, _ = render(scene)
-        Image.fromarray(image).save(out / f"scene-{i:03d}.png")
-        scenes.append({"file": f"scene-{i:03d}.png", **scene.to_json()})
-        tiles.append(image)
-    write_json(out / "scenes.json", scenes)
-    _contact_sheet(tiles, [s["caption"] for s in scenes], out / "sheet.png")
+    with staged_folder(out) as stage:
+        for i in range(count):
+            scene = sampler.sample()
+            image, _ = render(scene)
+            Image.fromarray(image).save(stage / f"scene-{i:03d}.png")
+            scenes.append({"file": f"scene-{i:03d}.png", **scene.to_json()})
+            tiles.append(image)
+        write_json(stage / "scenes.json", scenes)
+        _contact_sheet(tiles, [s["caption"] for s in scenes], stage / "sheet.png")
     click.echo(f"wrote {count} scenes to {out}/ (captions and ground truth in scenes.json)")
 
 
@@ -61,12 +64,12 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
 
 
 @shapes.command("train")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True, callback=claim_output,
               help="Folder for checkpoints, logs and the exported pipeline; re-run to resume.")
 @click.option("--unet-steps", type=click.IntRange(1), default=None, help="Override the UNet step count.")
 @click.option("--vae-steps", type=click.IntRange(1), default=None, help="Override the VAE step count.")
 @click.option("--n-scenes", type=click.IntRange(16), default=None, help="Training scenes to encode.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--tiny", is_flag=True, help="A tiny architecture, for smoke tests.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Another run folder: reuse its VAE and latents and start from its UNet checkpoint.")
@@ -90,10 +93,11 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_f
     from headscope.shapes.model import TINY
     from headscope.shapes.train import TrainConfig, train
 
+    from headscope_cli.main import RESUME_HINT
+
     if threads:
         torch.set_num_threads(threads)
-    saved = run_dir / "run.json"
-    cfg = TrainConfig.from_json(json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
+    cfg = _saved_config(run_dir / "run.json", TrainConfig)
     if tiny:
         cfg.model = TINY
     for name, value in (("unet_steps", unet_steps), ("vae_steps", vae_steps), ("n_scenes", n_scenes),
@@ -103,23 +107,46 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_f
         if value is not None:
             setattr(cfg, name, value)
     if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
-        from headscope.errors import HeadscopeError
-
         raise HeadscopeError("--zero-snr needs --prediction v_prediction (epsilon is undefined at pure noise)")
+    if cfg.init_from and not (run_dir / "unet" / "state.pt").is_file():
+        _check_init_from(Path(cfg.init_from))
+    click.get_current_context().meta[RESUME_HINT] = (f"checkpoints are kept in {run_dir}/; run the same command "
+                                                     "again to resume")
     pipeline = train(run_dir, cfg)
     click.echo(f"exported pipeline: {pipeline}")
+
+
+def _saved_config(path: Path, config_class):
+    """The run's saved TrainConfig, a new default one when there is none; HeadscopeError when unreadable."""
+    if not path.is_file():
+        return config_class()
+    try:
+        return config_class.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise HeadscopeError(f"{path} is not a readable training config ({error}); fix it, or start a new "
+                             "--run-dir") from None
+
+
+def _check_init_from(source: Path) -> None:
+    """HeadscopeError unless `source` is a run folder with a finished VAE, latents and a UNet checkpoint."""
+    needed = ("vae/weights.safetensors", "vae/state.pt", "latents.json", "latents.safetensors",
+              "unet/weights.safetensors", "unet/state.pt")
+    missing = [name for name in needed if not (source / name).is_file()]
+    if missing:
+        raise HeadscopeError(f"--init-from {source} is not a finished training run (it lacks {', '.join(missing)}); "
+                             "give a --run-dir that `headscope shapes train` has trained")
 
 
 @shapes.command("eval")
 @click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
 @click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; one image per prompt and seed.")
 @click.option("--steps", type=click.IntRange(1), default=25, show_default=True)
-@click.option("--guidance", type=click.FloatRange(0), default=None, help="Guidance scale (default: the model's).")
+@click.option("--guidance", type=Finite(0), default=None, help="Guidance scale (default: the model's).")
 @click.option("--n-single", type=click.IntRange(0), default=48, show_default=True)
 @click.option("--n-pair", type=click.IntRange(0), default=24, show_default=True)
 @click.option("--n-count", type=click.IntRange(0), default=12, show_default=True)
 @click.option("--n-polysemy", type=click.IntRange(0), default=24, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=claim_output,
               help="Write the summary and per-image records as JSON here.")
 @click.option("--device", default=None)
 def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysemy, out, device):
@@ -127,16 +154,17 @@ def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysem
 
     Example: headscope shapes eval --seeds 0,1,2 --out out/eval.json
     """
-    from headscope.errors import HeadscopeError
     from headscope.models import load_pipeline, model_defaults
     from headscope.shapes.evaluate import eval_scenes, evaluate, format_summary
 
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise HeadscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        seed_list = [SEED.convert(s.strip(), None, None) for s in seeds.split(",") if s.strip()]
+    except click.BadParameter:
+        raise HeadscopeError(f"--seeds must be comma-separated integers from 0 to 2**63-1, got {seeds!r}") from None
     if not seed_list:
         raise HeadscopeError("--seeds is empty; give at least one seed, e.g. --seeds 0,1")
+    if not any((n_single, n_pair, n_count, n_polysemy)):
+        raise HeadscopeError("--n-single, --n-pair, --n-count and --n-polysemy are all 0: nothing to evaluate")
     pipe = load_pipeline(model, device=device)
     guidance = model_defaults(pipe).get("guidance_scale", 5.0) if guidance is None else guidance
     scenes = eval_scenes(n_single=n_single, n_pair=n_pair, n_count=n_count, n_polysemy=n_polysemy)

@@ -5,6 +5,7 @@ are checked against the loaded pipeline before generation starts, so a mistake n
 """
 from __future__ import annotations
 
+import math
 import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import click
 
 from headscope.errors import HeadscopeError
+from headscope_cli.common import Finite
 
 STRENGTHEN = re.compile(r"^(?P<token>[^=]+)=(?P<concept>[^:=]+?)(?::(?P<scale>[^:=]+))?$")
 ADJUST = re.compile(r"^(?P<token>[^=]+)=\+(?P<desired>[^,:=]+),-(?P<undesired>[^,:=]+)"
@@ -70,10 +72,12 @@ def parse_subject_option(ctx, param, value):
 
 
 def _number(text: str | None, default: str) -> float | None:
+    """The finite number `text` (or `default` when absent); None when it is not one."""
     try:
-        return float(text if text is not None else default)
+        number = float(text if text is not None else default)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 def steering_options(command):
@@ -87,7 +91,7 @@ def steering_options(command):
                      metavar="TOKEN=+DESIRED,-UNDESIRED[:A,B]",
                      help="Adjust TOKEN's maps by A * HRV_desired - B * HRV_undesired (default 2, 1), e.g. "
                           "rose=+color,-shape. Repeatable."),
-        click.option("--adjust-clamp", "adjust_clamp", default=None, type=click.FloatRange(min=0.0, min_open=True),
+        click.option("--adjust-clamp", "adjust_clamp", default=None, type=Finite(min=0.0, min_open=True),
                      metavar="C", help="Clip both HRVs of --adjust at C before its formula (the paper clips SDXL's "
                                        "at 9)."),
         click.option("--hrv", "hrv_file", default=None, type=click.Path(dir_okay=True),

@@ -30,6 +30,8 @@ def atomic_path(path: str | Path):
         yield Path(temporary)
         os.chmod(temporary, 0o666 & ~umask())
         os.replace(temporary, path)
+    except WriteError:
+        raise
     except OSError as error:
         raise WriteError(path, error) from None
     finally:
@@ -60,7 +62,7 @@ def staged_folder(out: str | Path):
             target = out / source.relative_to(stage)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
-    except (OSError, WriteError) as error:
+    except OSError as error:  # a WriteError too: then name `out`, not the file in the staging folder
         raise WriteError(out, error.error if isinstance(error, WriteError) else error) from None
     finally:
         if stage is not None:

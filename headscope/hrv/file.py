@@ -154,6 +154,8 @@ class HRV:
             with safe_open(str(tensor_file), framework="pt") as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
                 metadata = handle.metadata() or {}
+            if not folder and "headscope" not in metadata:
+                raise ValueError("a safetensors file without a headscope header")
             header = json.loads((path / "hrv.json").read_text() if folder else metadata["headscope"])
         except Exception as error:  # safetensors raises several types for truncated / foreign files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -212,10 +214,7 @@ class HRV:
 
         if layout not in LAYOUTS:
             raise HeadscopeError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-        try:
-            array = np.load(Path(npy_path).expanduser(), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise HeadscopeError(f"cannot read {npy_path} as a .npy array ({error})") from None
+        array = _read_npy(Path(npy_path).expanduser())
         concept_set = ConceptSet.load("hrv34")
         spec = LAYOUTS[layout]
         if array.ndim != 2 or array.shape != (len(concept_set), spec["heads"]):
@@ -252,3 +251,25 @@ class HRV:
         return (f"HRV({len(self.concepts)} concepts x {self.n_heads} heads, "
                 f"model {(self.meta.get('model') or {}).get('name_or_path')}, "
                 f"{self.meta.get('n_prompts')} prompts, {'soft' if self.meta.get('soft') else 'argmax'} votes)")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A numeric .npy array; HeadscopeError for anything else. Pickled content is refused, never unpickled."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise HeadscopeError(f"cannot read {path}: {error.strerror or error}") from None
+    if magic != b"\x93NUMPY":
+        what = ("it is a Python pickle, and headscope never unpickles a file" if magic[:1] == b"\x80"
+                else "it has no NumPy header")
+        raise HeadscopeError(f"cannot read {path} as a .npy array: {what} (give the .npy array itself)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise HeadscopeError(f"{path} holds pickled Python objects; headscope never unpickles a file (save the "
+                                 "array as numbers: np.save(path, array.astype('float32')))") from None
+        raise HeadscopeError(f"cannot read {path} as a .npy array ({error})") from None
+    except (OSError, EOFError) as error:
+        raise HeadscopeError(f"cannot read {path} as a .npy array ({error}); the file may be truncated") from None

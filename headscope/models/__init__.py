@@ -30,6 +30,24 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device: str) -> str:
+    """`device` when torch can use it here; HeadscopeError naming the devices that are available."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise HeadscopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, True):
+        usable = ", ".join(name for name, ok in available.items() if ok)
+        raise HeadscopeError(f"device {device!r} is not available on this machine; use {usable}")
+    number, count = torch.device(device).index, torch.cuda.device_count()
+    if kind == "cuda" and number is not None and number >= count:
+        raise HeadscopeError(f"device {device!r} does not exist; this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -50,21 +68,27 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
         **kwargs: passed on to `from_pretrained` (e.g. `variant="fp16"`).
     """
     from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
 
     source = embedded_model_path() if model is None else model
-    device = device or default_device()
+    device = check_device(device or default_device())
     # Half-precision weights (the embedded model is stored in fp16 to stay small) compute in fp32 on a CPU.
     torch_dtype = _resolve_dtype(dtype if dtype is not None or str(device) != "cpu" else "fp32")
     path = Path(source).expanduser()
     if path.exists():
         index = path / "model_index.json"
+        if path.is_file():
+            raise HeadscopeError(f"{path} is a file, not a pipeline folder; pass a diffusers pipeline folder "
+                                 "or a hub id")
         if not index.is_file():
             raise HeadscopeError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
                                  "pass a folder written by save_pretrained or a hub id")
         try:
-            json.loads(index.read_text())
+            components = json.loads(index.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HeadscopeError(f"{index} is not valid JSON ({err}); re-save the pipeline") from None
+        if not isinstance(components, dict):
+            raise HeadscopeError(f"{index} is not a diffusers model index (a JSON object); re-save the pipeline")
     elif str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise HeadscopeError(f"model folder {source} does not exist; pass an existing folder or a hub id")
     if torch_dtype is not None:
@@ -73,9 +97,11 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones lack dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(source), **kwargs)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        # A damaged folder fails in many ways (truncated safetensors, a component class that does not exist).
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HeadscopeError(f"could not load model {source}: {first}") from None
+        raise HeadscopeError(f"could not load model {source}: {first.rstrip('.')}; re-save or re-download "
+                             "the model") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
