@@ -13,6 +13,12 @@ of step t depend only on (seed, t). What changes with the family:
   from the shifted scheduler sigmas), and a `high_noise_share` of each batch uniform on
   [high_noise_from, 1]: layout is decided there, from the text alone, and the UNet learned it last.
 - The frozen VAE is the shipped one; the transformer and the three text encoders train together.
+
+    OMP_WAIT_POLICY=PASSIVE nice -n 19 python -m headscope.shapes.train_mmdit --run runs/mmdit --steps 8000
+
+On a shared 2-core machine, OpenMP's spinning threads stall each other whenever one is descheduled:
+measured at nice 19 beside other jobs, 5 blocks took 7-20 s/step with 2 spinning threads, 3.5 with 1,
+2.6 with 2 passive ones (1.0 s/step on idle cores). The policy must be set before torch starts.
 """
 from __future__ import annotations
 
