@@ -74,8 +74,9 @@ def output_lock(path: str | Path):
     """Hold `path` (a result file or folder) for this process while the block runs.
 
     The lock is `.NAME.lock` next to `path`, taken with flock: the system lets go of it when the
-    process ends, however it ends, and the file is removed on exit. HeadscopeError, naming the
-    other process, when another process holds it. (No locking where flock does not exist.)
+    process ends, however it ends, and the file is removed on exit, with the folders made for it
+    if they stayed empty. HeadscopeError, naming the other process, when another process holds it.
+    (No locking where flock does not exist.)
     """
     try:
         import fcntl
@@ -84,10 +85,12 @@ def output_lock(path: str | Path):
         return
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = _locked(lock, fcntl)
     except OSError as error:
+        _remove_empty(made)
         raise WriteError(path, error) from None
     if handle is None:
         holder = _read_pid(lock)
@@ -103,6 +106,16 @@ def output_lock(path: str | Path):
         except OSError:
             pass
         os.close(handle)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, innermost first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _locked(lock: Path, fcntl) -> int | None:
