@@ -22,7 +22,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_two_processes_with_one_seed_write_identical_files(tmp_path):
     first, second = _generate(tmp_path / "a"), _generate(tmp_path / "b")  # at the same time
     for process in (first, second):
-        assert process.wait(timeout=600) == 0, process.communicate()
+        _, stderr = process.communicate(timeout=600)  # reads the pipes: a full pipe would block the process
+        assert process.returncode == 0, stderr
     written, again = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert {"image.png", "summary.json", "maps/words.png", "maps/word-red.png", "maps/word-circle.png"} <= set(written)
     assert written.keys() == again.keys()

@@ -83,7 +83,8 @@ def test_sigint_stops_hrv_build_and_a_rerun_resumes_to_the_same_bits(build_args,
     resumed = _headscope(*build_args, "--out", out)
     uninterrupted = CliRunner().invoke(cli, [str(arg) for arg in [*build_args, "--out", reference]])  # meanwhile
     assert uninterrupted.exit_code == 0, uninterrupted.output
-    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
     assert not partial.parent.exists()  # discarded once the HRV is saved
     built, expected = _tensors(out), _tensors(reference)
     assert built.keys() == expected.keys() == {"vectors", "step_votes"}
