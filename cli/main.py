@@ -23,14 +23,20 @@ from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite,
                                   generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
+from headscope_cli.report import report
 from headscope_cli.shapes import shapes
+from headscope_cli.study import study
 from headscope_cli.steer import SteeringPlan, parse_fractions, plan_steering, steering_options
+from headscope_cli.trajectory import run_trajectory, trajectory_options
 
 EXAMPLES = """
 \b
 Examples:
   headscope generate "a red circle and a blue square" --seed 1 --daam
   headscope daam "a red circle and a blue square" --word circle --word square --out out/circle
+  headscope generate "two red circles" --trajectory --at 0.2,0.4,0.6,0.8 --rapid --out out/trajectory
+  headscope study pos --out out/study-pos        (and syntax, cohyponyms, adjectives, numeracy, guidance)
+  headscope report out/study-pos
   headscope heads --model path/to/sd-v1-5
   headscope edit "a red circle and a blue square" "a green circle and a blue square" --concept color
 """
@@ -134,16 +140,20 @@ def generation_options(command):
 @generation_options
 @click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
 @steering_options
+@trajectory_options
 def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, steer_steps, neglect, subjects,
-             **options):
+             trajectory, **options):
     """Generate image(s) for PROMPT into --out (image.png, summary.json; maps/ with --daam).
 
     Steering by heads: --strengthen / --adjust scale a word's cross-attention maps head by head with
     Head Relevance Vectors; --mitigate-neglect brings back objects the model leaves out.
+    --trajectory: the clean image the model predicts at every step beside per-step word maps.
     """
-    words = [] if with_daam else None
     steer = dict(strengthen=strengthen, adjust=adjust, adjust_clamp=adjust_clamp, hrv_file=hrv_file,
                  steer_steps=steer_steps, neglect=neglect, subjects=subjects)
+    if run_trajectory(prompt, trajectory, with_daam=with_daam, steer=steer, **options):
+        return
+    words = [] if with_daam else None
     _run(prompt, words=words, head_grids=False, steer=steer, **options)
 
 
@@ -323,6 +333,8 @@ def _unet_config(model) -> dict | None:
 cli.add_command(shapes)
 cli.add_command(hrv)
 cli.add_command(edit)
+cli.add_command(study)
+cli.add_command(report)
 
 
 def main() -> None:

