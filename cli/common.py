@@ -61,13 +61,15 @@ def model_options(command):
 
 
 def load_model(model, device, dtype):
-    """The pipeline of --model; HeadscopeError unless it is a text-to-image UNet pipeline."""
+    """The pipeline of --model; HeadscopeError unless its denoiser is of a family headscope knows (UNet,
+    SD3, Flux; the message names them) and it has a tokenizer."""
+    from headscope.backbones import backbone_for
     from headscope.models import load_pipeline
 
     pipe = load_pipeline(model, device, dtype)
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "tokenizer", None) is None:
-        raise HeadscopeError(f"{model or 'the embedded model'} is not a text-to-image UNet pipeline "
-                             "(no unet or tokenizer)")
+    backbone_for(pipe)
+    if getattr(pipe, "tokenizer", None) is None:
+        raise HeadscopeError(f"{model or 'the embedded model'} is not a text-to-image pipeline (no tokenizer)")
     return pipe
 
 

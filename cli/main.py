@@ -23,6 +23,7 @@ from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite,
                                   generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
+from headscope_cli.maps import from_context, image_options, map_options
 from headscope_cli.report import report
 from headscope_cli.shapes import shapes
 from headscope_cli.study import study
@@ -139,6 +140,7 @@ def generation_options(command):
 @click.argument("prompt")
 @generation_options
 @click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
+@map_options(hrv=False)
 @steering_options
 @trajectory_options
 def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, steer_steps, neglect, subjects,
@@ -161,8 +163,10 @@ def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, stee
 @click.argument("prompt")
 @generation_options
 @click.option("--word", "words", multiple=True, help="Word to map (repeatable; default: every word).")
+@map_options(hrv=True)
+@image_options
 def daam(prompt, words, **options):
-    """Generate PROMPT and draw DAAM word maps and per-head grids into --out/maps."""
+    """Generate PROMPT (or read --image) and draw word maps and per-head grids into --out/maps."""
     _run(prompt, words=list(words), head_grids=True, **options)
 
 
@@ -170,11 +174,16 @@ def daam(prompt, words, **options):
 @click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the layout as JSON instead of a table.")
 def heads(model, as_json):
-    """List the cross-attention layers and heads of a model's UNet, in execution order."""
+    """List the text-conditioned attention layers and heads of a model, in execution order.
+
+    UNets (SD 1.x / 2.x / XL): cross-attention layers; SD3 / SD3.5: joint blocks; Flux: double- then
+    single-stream blocks. A local folder is read from its config alone, without loading weights.
+    """
     from headscope.heads import HeadIndex
 
-    config = _unet_config(model)
-    index = HeadIndex.from_config(config) if config is not None else HeadIndex.from_unet(load_model(model, "cpu", None).unet)
+    config = _denoiser_config(model)
+    index = (HeadIndex.from_config(config) if config is not None
+             else HeadIndex.from_model(load_model(model, "cpu", None)))
     if as_json:
         click.echo(json.dumps({"fingerprint": index.fingerprint(), "latent": list(index.latent_hw),
                                "layers": index.layout()}, indent=2))
@@ -185,7 +194,7 @@ def heads(model, as_json):
 def heads_table(index) -> str:
     """The head index as a fixed-width text table."""
     height, width = index.latent_hw
-    lines = [f"{index.n_layers} cross-attention layers, {index.n_heads} heads, latent {height}×{width}, "
+    lines = [f"{index.n_layers} {index.noun} layers, {index.n_heads} heads, latent {height}×{width}, "
              f"fingerprint {index.fingerprint()}"]
     name_width = max(len(layer.name) for layer in index.layers)
     header = (f"{'layer':>5}  {'name':<{name_width}}  {'block':<6}  {'level':>5}  {'resolution':>10}  "
@@ -207,39 +216,52 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
     """Load, validate, generate, write everything into a staging folder, then move it into `out`."""
     import torch
 
-    from headscope.steer import max_length
-    from headscope.tokens import tokenize
+    from headscope.backbones import denoiser_of
+    from headscope.prompts import prompt_tokens
 
+    maps, source, steer = from_context(words=words, steer=steer, guidance=guidance, num_images=num_images,
+                                       negative_prompt=negative_prompt)
     pipe = load_model(model, device, dtype)
     steps, guidance = generation_settings(pipe, steps, guidance)
-    tokenization = tokenize(pipe.tokenizer, prompt, max_length(pipe))
+    defaults = _call_defaults(pipe)
+    tokenization = prompt_tokens(pipe, prompt, **defaults)  # the tokens word maps use (SD3: CLIP; Flux: T5)
     if negative_prompt:
-        tokenize(pipe.tokenizer, negative_prompt, max_length(pipe))
+        prompt_tokens(pipe, negative_prompt, **defaults)
     if words is not None:
         words = words or list(dict.fromkeys(word.lower() for word in tokenization.word_texts()))
         if not words:
             raise HeadscopeError(f"the prompt {prompt!r} has no words to draw maps of; give a prompt with words")
         for word in words:
             tokenization.positions(word)
+        maps.check(pipe, words)
+    if source is not None:
+        source.check(pipe)
     plan = plan_steering(pipe, prompt, **steer) if steer else SteeringPlan()
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images, generator=generator)
-    with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
-        images = pipe(prompt, **call, **extra).images
+                num_images_per_prompt=num_images, generator=generator, **defaults)
+    if source is not None:
+        tc, images = source.trace(pipe, prompt, steps=steps, seed=seed, window=window)
+    else:
+        with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
+            images = pipe(prompt, **call, **extra).images
     summary = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                "guidance": guidance, "num_images": num_images, "model": model or "embedded shapes model",
-               "device": str(pipe.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""), "window": window,
-               "files": []}
+               "device": str(pipe.device), "dtype": str(denoiser_of(pipe).dtype).replace("torch.", ""),
+               "window": window, "files": []}
     if plan.summary:
         summary["steering"] = plan.summary
+    if source is not None:
+        summary.update(source.summary())
+    if words is not None:
+        summary["maps"] = maps.summary
     with staged_folder(out) as stage:
         summary["files"] += _write_images(stage, images)
         if words is not None:
             summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
                                 "fingerprint": tc.index.fingerprint()}
-            summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids)
+            summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids, maps.options)
             summary["files"] += files
         summary["files"].append("summary.json")
         write_json(stage / "summary.json", summary)
@@ -270,22 +292,25 @@ def _write_images(stage: Path, images) -> list[str]:
     return names
 
 
-def _write_maps(stage: Path, tc, images, words, prompt, head_grids):
-    """Word-map figures (per word, and a grid per image) + per-head grids; returns (stats, files)."""
+def _write_maps(stage: Path, tc, images, words, prompt, head_grids, method_options=None):
+    """Word-map figures (per word, and a grid per image) + per-head grids; returns (stats, files).
+
+    method_options: keyword arguments of `tc.word_map` / `tc.head_maps` (the map method), default DAAM's.
+    """
     from headscope import viz
 
     stats, files = {word: [] for word in words}, []
     (stage / "maps").mkdir()
     for image_number, image in enumerate(images):
         suffix = "" if len(images) == 1 else f"-{image_number}"
-        maps = {word: tc.word_map(word, image=image_number).cpu() for word in words}
+        maps = {word: tc.word_map(word, image=image_number, **(method_options or {})).cpu() for word in words}
         for word, heat_map in maps.items():
             stats[word].append(_map_stats(tc, word, image_number, heat_map))
             files.append(_save(viz.overlay_figure(image, heat_map, word=word, prompt=prompt),
                                stage, f"maps/word-{_slug(word)}{suffix}.png"))
             if head_grids:
-                figure = viz.head_grid_figure(tc.head_maps(word, image=image_number), tc.index, word=word,
-                                              prompt=prompt)
+                figure = viz.head_grid_figure(tc.head_maps(word, image=image_number, **(method_options or {})),
+                                              tc.index, word=word, prompt=prompt)
                 files.append(_save(figure, stage, f"maps/heads-{_slug(word)}{suffix}.png"))
         files.append(_save(viz.word_grid_figure(image, maps, prompt=prompt), stage, f"maps/words{suffix}.png"))
     return stats, files
@@ -312,8 +337,20 @@ def _slug(word: str) -> str:
 
 # -- models ------------------------------------------------------------------------------------
 
-def _unet_config(model) -> dict | None:
-    """The UNet config of a local pipeline folder (no weights loaded), or None for a hub id."""
+def _call_defaults(pipe) -> dict:
+    """Pipeline-call arguments a model ships in headscope.json `defaults` besides steps and guidance (an
+    SD3 model trained on fewer T5 tokens records its max_sequence_length), where the pipeline takes them."""
+    import inspect
+
+    from headscope.models import model_defaults
+
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    return {key: value for key, value in model_defaults(pipe).items() if key == "max_sequence_length" and key in accepted}
+
+
+def _denoiser_config(model) -> dict | None:
+    """The denoiser config (unet/ or transformer/config.json) of a local pipeline folder, no weights loaded;
+    None for a hub id."""
     from headscope.models import embedded_model_path
 
     folder = embedded_model_path() if model is None else Path(model).expanduser()
@@ -321,13 +358,15 @@ def _unet_config(model) -> dict | None:
         if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
             raise HeadscopeError(f"model folder {model} does not exist; pass an existing folder or a hub id")
         return None
-    for candidate in (folder / "unet" / "config.json", folder / "config.json"):
+    for candidate in (folder / "unet" / "config.json", folder / "transformer" / "config.json",
+                      folder / "config.json"):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise HeadscopeError(f"{candidate} is not valid JSON ({error})") from None
-    raise HeadscopeError(f"{folder} has no unet/config.json; pass a diffusers pipeline folder or a hub id")
+    raise HeadscopeError(f"{folder} has no unet/config.json or transformer/config.json; pass a diffusers pipeline "
+                         "folder or a hub id")
 
 
 cli.add_command(shapes)

@@ -107,8 +107,8 @@ class PromptLog:
         """{encoder: tokens of each prompt} for the slots whose encoder is there; other slots only check lengths."""
         found: dict[str, list[EncoderTokens]] = {}
         for slot in slots:
-            texts = next((_as_list(arguments[name]) for name in getattr(slot, which) if arguments.get(name) is not None),
-                         fallback if slot.keys else None)
+            given = [name for name in getattr(slot, which) if arguments.get(name) is not None]
+            texts = _as_list(arguments[given[0]]) if given else (fallback if slot.keys else None)
             tokenizer = getattr(self.pipe, slot.tokenizer, None)
             if texts is None or tokenizer is None or getattr(self.pipe, slot.text_encoder, None) is None:
                 continue
@@ -141,3 +141,18 @@ def _as_list(prompt) -> list[str] | None:
     if prompt is None:
         return None
     return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_tokens(pipe, prompt: str, encoder: str | None = None, **call_options) -> EncoderTokens:
+    """How `prompt` reaches the attention keys of `pipe` through `encoder` (default: the family's), as a
+    pipeline call with `call_options` (e.g. `max_sequence_length`) tokenizes it; too long a prompt or an
+    encoder the family or pipeline lacks raises HeadscopeError. For checking words before generating."""
+    from headscope.backbones import backbone_for
+
+    backbone = backbone_for(pipe)
+    encoder = backbone.check_encoder_name(encoder)
+    log = PromptLog(pipe, backbone, negatives_wanted=False)
+    arguments = {"prompt": prompt, **call_options}
+    log.check_encoder(encoder, arguments)
+    log.start_call(arguments)
+    return log.tokens["cond"][encoder][0]
