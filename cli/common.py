@@ -3,6 +3,7 @@ and the option types and callbacks that check input before anything runs."""
 from __future__ import annotations
 
 import math
+import os
 
 import click
 
@@ -27,8 +28,11 @@ class Finite(click.FloatRange):
 
 def claim_output(ctx, param, value):
     """Option callback: hold the output path for this run (`headscope.io.output_lock`), so that a second
-    run into the same --out is refused at once, naming the first; released when the command ends."""
-    if value is not None:
+    run into the same --out is refused at once, naming the first; released when the command ends.
+
+    Under `accelerate launch` / torchrun only the first process (RANK 0) holds it, for all of them.
+    """
+    if value is not None and int(os.environ.get("RANK", "0") or 0) == 0:
         from headscope.io import output_lock
 
         # On the root context: a later option can still fail to parse, and then only the root is closed.

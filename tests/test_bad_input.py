@@ -391,3 +391,12 @@ def test_a_run_into_a_held_output_names_the_holder(tmp_path):
     result = CliRunner().invoke(cli, ["shapes", "render", "--n", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output  # free again once the holder let go
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_only_the_first_of_several_processes_holds_the_output(tmp_path, monkeypatch):
+    from headscope.io import output_lock
+
+    monkeypatch.setenv("RANK", "1")  # as under accelerate launch: process 0 holds --out for all of them
+    with output_lock(tmp_path / "out"):
+        result = CliRunner().invoke(cli, ["shapes", "render", "--n", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output

@@ -125,3 +125,16 @@ def test_ctrl_c_while_options_are_parsed_is_the_same_line(tmp_path, monkeypatch)
     result = CliRunner().invoke(cli, ["shapes", "render", "--n", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 130 and _visible_lines(result.stderr) == [INTERRUPTED]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_that_belong_together_are_written_before_ctrl_c_lands():
+    from headscope.io import uninterrupted
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT does not raise KeyboardInterrupt in this process")
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            written.append("both files")
+    assert written == ["both files"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
