@@ -15,9 +15,10 @@ bitwise identical while no hook edits) and hand the hooks of `headscope.processo
 
 Memory: the full joint matrix is heads x (L_img + L_txt)^2 per call (Flux-dev at 1024^2: 24 x 4608^2
 floats, about 2 GB). `text_key_probs` never builds it: it walks the image queries in chunks so that
-at most `budget` bytes of logits (default `MAP_BUDGET_BYTES`, read at call time, so setting
-`headscope.joint.MAP_BUDGET_BYTES` changes it) exist at once, and keeps of each chunk only the text
-columns, exp(logit - logsumexp over all keys). Its output is rows x heads x L_img x L_txt floats.
+at most `budget` bytes of logits and their softmax (default `MAP_BUDGET_BYTES`, read at call time, so
+setting `headscope.joint.MAP_BUDGET_BYTES` changes it) exist at once, and keeps of each chunk only the
+text columns: exp(logit - logsumexp over all keys of the row), which is what a softmax over the chunk's
+rows computes in one fused pass. Its output is rows x heads x L_img x L_txt floats.
 """
 from __future__ import annotations
 
@@ -59,19 +60,20 @@ def text_key_probs(query: torch.Tensor, key: torch.Tensor, text: slice, scale: f
         key: every key of the joint sequence [rows, heads, L_img + L_txt, head_dim].
         text: where the text keys sit among the keys.
         scale: the attention's logit scale (1 / sqrt(head_dim) for SD3 and Flux).
-        budget: bytes of float32 logits allowed at once; default `MAP_BUDGET_BYTES`.
+        budget: bytes of float32 logits and softmax allowed at once; default `MAP_BUDGET_BYTES`.
     Returns:
         probs [rows, heads, L_img, L_txt], float32: exp(q.k_txt * scale - logsumexp_all_keys(q.k * scale)).
     """
     budget = MAP_BUDGET_BYTES if budget is None else budget
     rows, heads, n_query, _ = query.shape
     keys_t = key.float().transpose(-1, -2)  # [rows, heads, head_dim, keys]
-    chunk = max(1, min(n_query, budget // (rows * heads * key.shape[2] * 4)))
+    # A chunk holds its logits and their softmax: two floats per (row, head, query, key).
+    chunk = max(1, min(n_query, budget // (2 * rows * heads * key.shape[2] * 4)))
     probs = torch.empty((rows, heads, n_query, text.stop - text.start), dtype=torch.float32, device=query.device)
     for start in range(0, n_query, chunk):
-        logits = torch.matmul(query[:, :, start:start + chunk].float(), keys_t) * scale  # [rows, heads, chunk, keys]
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs[:, :, start:start + chunk] = (logits[..., text] - log_norm).exp()
+        # Scaling the queries costs head_dim, not L_img + L_txt, multiplies per row.
+        logits = torch.matmul(query[:, :, start:start + chunk].float() * scale, keys_t)  # [rows, heads, chunk, keys]
+        probs[:, :, start:start + chunk] = torch.softmax(logits, dim=-1)[..., text]
     return probs
 
 
@@ -113,11 +115,19 @@ class JointProcessor(HeadProcessor):
 
     def _probs(self, ctx: HookContext, image_queries, keys, factors, rows) -> torch.Tensor:
         """Applied weights of the image-query x text-key block for some rows: [len(rows), heads, L_img, L_txt]."""
-        picked = list(rows)
+        picked = _row_index(rows)
         probs = text_key_probs(image_queries[picked], keys[picked], ctx.text_keys, image_queries.shape[-1] ** -0.5)
         if factors is not None:
             probs = probs * (factors if factors.shape[0] == 1 else factors[picked])[:, :, None, :]
         return probs
+
+
+def _row_index(rows) -> slice | list[int]:
+    """A slice (a view, no copy) when the rows are consecutive, as the conditional rows are; else a list."""
+    rows = list(rows)
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows
 
 
 def _heads_first(tensor: torch.Tensor, seq_dim: int) -> torch.Tensor:
