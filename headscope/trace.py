@@ -192,7 +192,7 @@ class Trace:
         if call.extra:
             return
         starting = self._pending_call or state.call < 0
-        layout = self._layout(call)
+        layout = self._layout(call, starting)
         # A separate negative-prompt pass belongs to the step of the conditional pass before it.
         state.step = 0 if starting else state.step + (0 if layout.part == "uncond" else 1)
         state.latent_hw = call.latent_hw
@@ -213,10 +213,13 @@ class Trace:
             n_steps = len(self.pipe.scheduler.timesteps)
         return int(n_steps) if n_steps is not None else None
 
-    def _layout(self, call) -> BatchLayout:
+    def _layout(self, call, starting: bool) -> BatchLayout:
         n_rows, log = call.n_rows, self.prompt_log
         if log.separate_uncond:
-            part = "uncond" if call.text_embeds is not None and call.text_embeds is self._uncond_embeds else "cond"
+            # The negative pass gets the very tensor the second encode_prompt returned, and follows a
+            # conditional pass (so one tensor passed as both prompt and negative embeddings stays readable).
+            after_cond = not starting and self.hooks.state.layout.part == "cond"
+            part = "uncond" if after_cond and call.text_embeds is self._uncond_embeds else "cond"
             cfg, n_images = True, n_rows
         else:
             part, cfg = None, self._guidance_on()

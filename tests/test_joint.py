@@ -241,6 +241,14 @@ def test_flux_true_cfg_runs_a_negative_pass_per_step_and_keeps_the_kinds_apart(t
     assert torch.allclose(guided.word_map("dog", steps=[0]), plain.word_map("dog", steps=[0]), atol=1e-6)
 
 
+def test_flux_negative_pass_follows_its_conditional_pass_even_with_one_embedding_tensor(tiny_flux):
+    embeds, pooled, _ = tiny_flux.encode_prompt(PROMPT, max_sequence_length=16)
+    with headscope.trace(tiny_flux, rows="all") as tc:
+        generate_joint(tiny_flux, None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=embeds,
+                       negative_pooled_prompt_embeds=pooled, true_cfg_scale=2.0)
+    assert tc.steps == [0, 1] and tc.reducer.kind_steps == {"cond": [0, 1], "uncond": [0, 1]}
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_two_prompts_two_images_each_give_four_unmixed_map_sets(tiny_sd3, tiny_flux, family):
     pipe = tiny_sd3 if family == "sd3" else tiny_flux
