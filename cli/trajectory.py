@@ -135,7 +135,11 @@ def write_trajectory(out, result, chosen: list[int], at: list[float], settings: 
         save_figure(distance_figure(result), stage / "trajectory-distance.png")
         write_gif(result, stage / "trajectory.gif")
         write_text(stage / "trajectory.csv", table_csv(rows))
-        payload = {"title": "What the model predicts along the way", "study": "trajectory",
+        payload = {"title": "What the model predicts along the way", "study": "trajectory", "figures": {
+                       "trajectory.png": "the clean-image estimate x0 at the chosen steps (and the rapid variant), "
+                                         "with each word's map of that step over it; last column: the result",
+                       "trajectory-distance.png": "how far each step's estimate is from the final image",
+                       "trajectory.gif": "every step as one frame"},
                    "settings": {**settings, "at": at, "chosen_steps": chosen, "words": result.words, "tau": tau,
                                 "rapid_steps": result.rapid_steps, "timesteps": result.timesteps},
                    "summary": {"table": rows}}

@@ -67,13 +67,15 @@ def write_report(folder, *, files=None, title: str | None = None) -> Path:
         raise HeadscopeError(f"{folder} holds no files to report on")
     payloads = {name: _read_json(folder / name) for name in files if name.endswith(".json")}
     title = title or _title(folder, payloads)
+    captions = {name: text for payload in payloads.values() if isinstance(payload, dict)
+                and isinstance(payload.get("figures"), dict) for name, text in payload["figures"].items()}
     body = [f"<h1>{_text(title)}</h1>", _command(folder, files, payloads)]
     figures = [name for name in files if name.lower().endswith(IMAGE_SUFFIXES) and "/" not in name]
     thumbnails = [name for name in files if name.lower().endswith(IMAGE_SUFFIXES) and "/" in name]
     if figures:
         body.append("<h2>Figures</h2>")
         body += [f'<figure><a href="{_href(name)}"><img src="{_href(name)}" alt="{_text(name)}"'
-                 f"{_small_width(folder / name)}></a><figcaption>{_text(name)}</figcaption></figure>"
+                 f"{_small_width(folder / name)}></a><figcaption>{_caption(name, captions)}</figcaption></figure>"
                  for name in figures]
     tables = [name for name in files if name.endswith(".csv")]
     if tables:
@@ -179,6 +181,11 @@ def _json_section(name: str, payload) -> str:
     parts.append(f'<details><summary><a href="{_href(name)}">{_text(name)}</a></summary><pre>{_text(text)}</pre>'
                  "</details>")
     return "\n".join(parts)
+
+
+def _caption(name: str, captions: dict) -> str:
+    text = captions.get(name)
+    return f"<b>{_text(name)}</b>: {_text(text)}" if text else _text(name)
 
 
 def _small_width(path: Path, least: int = 256) -> str:

@@ -27,6 +27,9 @@ class AdjectiveStudy(Study):
 
     name = "adjectives"
     title = "Do adjectives attend beyond their noun's object?"
+    captions = {"adjectives.png": "left: an adjective's map coverage over its noun's (above 1: broader); right: "
+                                  "share of each thresholded map outside the noun's object (annotator's mask)",
+                "adjectives-examples.png": "example prompts: an adjective's map beside its noun's"}
 
     def shapes_scenes(self, sampler, n: int) -> list:
         from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase

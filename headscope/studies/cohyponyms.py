@@ -41,6 +41,9 @@ class CohyponymStudy(Study):
 
     name = "cohyponyms"
     title = "Do co-hyponyms share their maps, and are their images worse?"
+    captions = {"cohyponyms.png": "left: IoU of the two nouns' thresholded maps per word pair; right: share of "
+                                  "images in which the annotator finds both objects",
+                "cohyponyms-examples.png": "example prompts: the two nouns' maps"}
 
     def __init__(self, cohyponyms=SHAPES_COHYPONYMS, unrelated=SHAPES_UNRELATED):
         self.cohyponyms = [tuple(pair) for pair in cohyponyms]

@@ -29,6 +29,9 @@ class NumeracyStudy(Study):
 
     name = "numeracy"
     title = "Do numerals get a map, and does the count come out right?"
+    captions = {"numeracy.png": "left: coverage of each numeral's map and of its noun's; right: share of images "
+                                "with the asked number of objects (annotator)",
+                "numeracy-examples.png": "example prompts: a numeral's map beside its noun's, and the count drawn"}
 
     def shapes_scenes(self, sampler, n: int) -> list:
         from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase

@@ -35,6 +35,9 @@ class PosStudy(Study):
 
     name = "pos"
     title = "How much of the image does each part of speech cover?"
+    captions = {"pos.png": "mean share of the image that each part of speech's word map covers (map min-max "
+                           "normalised, >= tau), with the DAAM paper's range for Stable Diffusion beside it",
+                "pos-examples.png": "example prompts: the image, then every word's map with its tag and coverage"}
 
     def measure(self, sample: Sample) -> tuple[dict, dict]:
         maps = {}
@@ -126,7 +129,7 @@ def pos_figure(summary: dict) -> Figure:
     axes.set_ylim(0, min(1.0, top * 1.25 + 0.05))
     axes.set_ylabel("share of the image covered\n(map normalised, >= tau)")
     axes.set_xlabel("part of speech (spaCy, Universal tags), in the paper's order")
-    axes.legend(fontsize=7, loc="upper left")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     axes.set_title("How much of the image does each part of speech's word map cover?\n"
                    "(grey: the range the DAAM paper reports for the tag)", fontsize=10)
     return figure

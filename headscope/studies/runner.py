@@ -14,13 +14,10 @@ records; `StudyRunner` does the rest, the way `HRVBuilder` does for votes:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -30,8 +27,8 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.hrv.meta import generation_defaults, model_meta, prompt_seed
 from headscope.hrv.processes import Processes
-from headscope.io import atomic_path
 from headscope.maps.daam import threshold
+from headscope.studies.store import RecordStore, jsonable, settings_hash
 
 DEFAULT_TAU = 0.4  # DAAM's threshold on min-max normalised maps
 
@@ -100,6 +97,7 @@ class Study:
     title = ""
     uses_spacy = True
     keep_steps = False
+    captions: dict = {}  # figure file name -> what it shows, for the report page
 
     def settings(self) -> dict:
         """The study's own parameters (they enter the partial folder's hash and the JSON)."""
@@ -180,7 +178,7 @@ class StudyRunner:
                           "scheduler": type(pipe.scheduler).__name__, "seed": self.seed, "steps": steps,
                           "guidance": guidance, "tau": self.tau, "batch_size": self.batch_size,
                           "n_prompts": len({job.prompt_index for job in jobs}),
-                          "prompts_hash": _hash([job.prompt for job in jobs])}
+                          "prompts_hash": settings_hash([job.prompt for job in jobs])}
         self.store = RecordStore(self.partial, self.settings_)
         with Processes() as processes:
             done = self.store.restore()
@@ -189,7 +187,10 @@ class StudyRunner:
             batches = _batches([job for job in jobs if job.key not in done], self.batch_size)
             mine = [batches[number] for number in processes.split(list(range(len(batches))))]
             self.store.open(processes.rank)
-            self._generate(pipe, mine, steps, guidance, processes.is_main)
+            try:
+                self._generate(pipe, mine, steps, guidance, processes.is_main)
+            finally:
+                self.store.close()
             records = _gather(processes, self.store.records_of_this_run) | done
             self.is_main_ = processes.is_main
         self.records_ = [records[job.key] for job in jobs]
@@ -243,10 +244,10 @@ class StudyRunner:
 
         folder = Path(folder)
         name = self.study.name
-        payload = {"study": name, "title": self.study.title, "settings": self.settings_, "summary": self.summary_,
-                   "records": self.records_}
+        payload = {"study": name, "title": self.study.title, "figures": dict(self.study.captions),
+                   "settings": self.settings_, "summary": self.summary_, "records": self.records_}
         files = [f"{name}.json", f"{name}.csv"]
-        (folder / files[0]).write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+        (folder / files[0]).write_text(json.dumps(payload, indent=1, default=jsonable) + "\n")
         (folder / files[1]).write_text(table_csv(self.summary_.get("table", [])))
         for file_name, figure in self.study.figures(self.summary_, self.records_, self.store).items():
             save_figure(figure, folder / file_name)
@@ -262,82 +263,6 @@ class StudyRunner:
     def discard_partial(self) -> None:
         """Delete the partial folder (call once the results are safely written)."""
         shutil.rmtree(self.store.folder, ignore_errors=True)
-
-
-class RecordStore:
-    """A study's partial folder: records-<rank>.jsonl (a settings line, then one line per finished job),
-    images/<key>.png and arrays/<key>.npz. A job counts as done once its line is written; images and
-    arrays are written (atomically) before it."""
-
-    def __init__(self, folder, settings: dict):
-        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="headscope-study-"))
-        self.settings_hash = _hash(settings)
-        self.records_of_this_run: dict[str, dict] = {}
-        self._handle = None
-
-    def restore(self) -> dict[str, dict]:
-        """Finished records of earlier runs, {key: record}; HeadscopeError if they were made otherwise."""
-        done: dict[str, dict] = {}
-        for path in sorted(self.folder.glob("records-*.jsonl")):
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-                header = json.loads(lines[0]) if lines else {}
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                raise HeadscopeError(f"{path} is damaged; delete {self.folder} and run again") from None
-            if header.get("settings") != self.settings_hash:
-                raise HeadscopeError(f"partial results in {self.folder} were made with other arguments; rerun with "
-                                     f"the same arguments to resume, or delete {self.folder}")
-            for line in lines[1:]:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut short by a crash: that job runs again
-                done[entry["key"]] = entry["record"]
-        return done
-
-    def open(self, rank: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"records-{rank}.jsonl"
-        fresh = not path.is_file() or path.stat().st_size == 0
-        if not fresh and not path.read_bytes().endswith(b"\n"):
-            _drop_cut_line(path)
-        self._handle = path.open("a", encoding="utf-8")
-        if fresh:
-            self._append({"settings": self.settings_hash})
-
-    def add(self, key: str, record: dict, image, arrays: dict) -> None:
-        if image is not None:
-            with atomic_path(self.image_path(key)) as temporary:
-                image.save(temporary, format="PNG")
-        if arrays:
-            with atomic_path(self.folder / "arrays" / f"{key}.npz") as temporary:
-                with open(temporary, "wb") as handle:
-                    np.savez_compressed(handle, **arrays)
-        self._append({"key": key, "record": record})
-        self.records_of_this_run[key] = record
-
-    def image_path(self, key: str) -> Path:
-        return self.folder / "images" / f"{key}.png"
-
-    def image(self, key: str):
-        """The job's image (PIL), or None when it was not kept."""
-        from PIL import Image
-
-        path = self.image_path(key)
-        return Image.open(path).convert("RGB") if path.is_file() else None
-
-    def arrays(self, key: str) -> dict:
-        """The arrays the study kept for a job ({} when none)."""
-        path = self.folder / "arrays" / f"{key}.npz"
-        if not path.is_file():
-            return {}
-        with np.load(path) as loaded:
-            return {name: loaded[name] for name in loaded.files}
-
-    def _append(self, entry: dict) -> None:
-        self._handle.write(json.dumps(entry, default=_jsonable) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
 
 
 def scene_from_json(data: dict):
@@ -402,34 +327,12 @@ def _gather(processes: Processes, records: dict) -> dict:
     return dict(gather_object(list(records.items())))
 
 
-def _drop_cut_line(path: Path) -> None:
-    """Cut a records file back to its last complete line (a crash mid-write leaves a partial one)."""
-    data = path.read_bytes()
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data[:data.rfind(b"\n") + 1])
-
-
-def _hash(payload) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _cell(value):
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return "" if value is None else value
-
-
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 __all__ = ["DEFAULT_TAU", "Job", "RecordStore", "Sample", "Study", "StudyRunner", "coverage", "mean", "overlap",

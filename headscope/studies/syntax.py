@@ -25,6 +25,9 @@ class SyntaxStudy(Study):
 
     name = "syntax"
     title = "Do a word's map and its syntactic head's map overlap?"
+    captions = {"syntax.png": "per dependency relation: how much of the dependent's thresholded map lies inside "
+                              "its head's, the reverse, and their IoU",
+                "syntax-examples.png": "example prompts: every word's map with its relation and head"}
 
     def measure(self, sample: Sample) -> tuple[dict, dict]:
         masks, maps = {}, {}
