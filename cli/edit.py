@@ -15,7 +15,7 @@ import click
 from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
 from headscope.errors import HeadscopeError
 from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite, allow_unknown_option, claim_output,
-                                  generation_settings, load_model, model_options)
+                                  generation_settings, load_model, model_options, require_unet)
 EDIT_EXAMPLES = """
 \b
 Examples:
@@ -66,6 +66,7 @@ def edit(source_prompt, target_prompt, model, seed, steps, guidance, cross_steps
         raise HeadscopeError("--strength is only used with --concept")
     strength = 1.0 if strength is None else strength
     pipe = load_model(model, device, dtype)
+    require_unet(pipe, "prompt-to-prompt edits")
     editor = Editor(pipe, cross_steps=cross_steps, self_steps=self_steps, concept=concept, hrv=hrv_file,
                     strength=strength)
     source_tokens, target_tokens = tokenize_prompts(pipe, [source_prompt, target_prompt])

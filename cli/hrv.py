@@ -303,8 +303,9 @@ def weakening_table(summary: list[dict]) -> str:
 
 
 def _load(model, device, dtype):
-    from headscope_cli.common import load_model
+    from headscope_cli.common import load_model, require_unet
 
     pipe = load_model(model, device, dtype)
+    require_unet(pipe, "head relevance vectors")
     pipe.set_progress_bar_config(disable=True)
     return pipe

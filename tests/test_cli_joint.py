@@ -72,3 +72,12 @@ def test_an_unknown_model_family_is_one_line_naming_the_supported_ones(sd3_folde
     line = result.stderr.strip()
     assert "\n" not in line and "PixArtTransformer2DModel" in line
     assert all(name in line for name in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"))
+
+
+@pytest.mark.parametrize("command", [["generate", "a red dog", "--strengthen", "red=color:1.5"],
+                                     ["edit", "a red dog", "a blue dog"], ["hrv", "build", "--n-prompts", "2"]])
+def test_unet_only_features_refuse_joint_models_in_one_line(flux_folder, tmp_path, command):
+    result = invoke(*command, "--model", flux_folder, "--out", tmp_path / "x")
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "on UNet models (SD 1.x / 2.x / XL) for now" in line and "FluxTransformer2DModel" in line
