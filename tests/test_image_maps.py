@@ -66,3 +66,9 @@ def test_unreadable_missing_and_wrongly_shaped_images_are_refused(tiny_sd, scene
     wide = Image.fromarray(np.zeros((16, 24, 3), np.uint8))
     with pytest.raises(HeadscopeError, match="image is 24x16; this model makes 16x16 images: crop it"):
         headscope.image_maps(tiny_sd, wide, prompt)
+
+
+def test_a_step_window_records_only_that_part_of_the_denoising(tiny_sd, scene_image):
+    image, prompt = scene_image
+    tc = headscope.image_maps(tiny_sd, image, prompt, strength=0.5, samples=1, steps=8, window=(0.5, 1.0))
+    assert tc.n_steps == 4 and tc.reducer.steps == [2, 3]  # 8 x 0.5 steps run; the window keeps their last half

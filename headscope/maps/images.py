@@ -30,7 +30,7 @@ DEFAULT_STRENGTH, DEFAULT_SAMPLES = 0.5, 4
 
 def image_maps(pipe, image, prompt: str, *, strength: float = DEFAULT_STRENGTH, samples: int = DEFAULT_SAMPLES,
                steps: int | None = None, guidance: float = 1.0, seed: int = 0, keep_steps: bool = False,
-               **trace_options):
+               window=None, **trace_options):
     """Trace `pipe` denoising a noised copy of `image` with `prompt`; returns the Trace, maps averaged over samples.
 
     Args:
@@ -40,6 +40,8 @@ def image_maps(pipe, image, prompt: str, *, strength: float = DEFAULT_STRENGTH, 
         steps: the schedule's length (default: the model's generation default); int(steps * strength)
             denoising steps run.
         guidance: guidance scale of the denoising (1 = no classifier-free guidance).
+        window: record only this part of the denoising (see `headscope.steps`; fractions count the
+            steps that run), as `trace(steps=...)` does; other keyword arguments go to `trace`.
     """
     from headscope.hrv.meta import generation_defaults
     from headscope.trace import trace
@@ -58,7 +60,7 @@ def image_maps(pipe, image, prompt: str, *, strength: float = DEFAULT_STRENGTH, 
         raise HeadscopeError(f"no image-to-image pipeline for {type(pipe).__name__}: {error}") from None
     img2img.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(seed + sample) for sample in range(int(samples))]
-    with trace(img2img, keep_steps=keep_steps, **trace_options) as tc:
+    with trace(img2img, keep_steps=keep_steps, steps=window, **trace_options) as tc:
         img2img(prompt, image=picture, strength=float(strength), num_inference_steps=n_steps,
                 guidance_scale=guidance, num_images_per_prompt=int(samples), generator=generators,
                 output_type="latent")
