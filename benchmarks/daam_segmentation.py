@@ -1,20 +1,38 @@
-"""DAAM map quality on the shapes model: pointing game and mIoU against the annotator's object masks.
+"""Word-map quality on the shapes model, per map method and word role, on held-out prompts and seeds.
 
-For every evaluation prompt and seed the image is generated inside a trace, the annotator reads its
-objects back, and each word's DAAM map is compared with the mask of the object the word describes:
-  pointing game  the map's maximum lies inside that object's mask;
-  mIoU           the map thresholded at tau (DAAM: normalised >= tau) against the union of the masks
-                 of the objects the word names, averaged over images, for tau in {0.3, 0.4, 0.5}.
-Words are grouped by role: shape nouns, colour, size and position words. An image whose annotation
-lacks the described object is skipped (and counted). Chance levels are reported beside each score:
-the pointing game of a random pixel (mean mask area / image area) and the mIoU of a full-image mask.
+Splits (disjoint in prompts and in seeds):
+  calibration  prompts of `eval_scenes(seed=4321)` (--cal-single / --cal-pair, captions that are also
+               held-out prompts dropped) x seeds --cal-seeds (2, 3)
+  held-out     the evaluation prompts of `eval_scenes()` (--n-single / --n-pair: 71 prompts) x --seeds (0, 1)
+Every (prompt, seed) is generated once inside one trace (keep_steps), the annotator reads its objects
+back, and every method's map of every content word comes from that one trace. Words are grouped by
+role: shape nouns, colour, size and position words; an image whose annotation lacks the described
+object is skipped (and counted).
 
-Per head: the pointing game of every head's own map (`tc.head_maps`), of each resolution level's
-heads summed, and of the k best heads summed, with the heads ranked on half of the prompts and scored
-on the other half (two folds, averaged), so a choice is never scored on the prompts it was made on.
+Methods (`map_fit`): daam, selective (the HRV's top-k heads of the role's concept), weighted (every
+head x its HRV relevance), fitted (the k heads best on the calibration split, passed as heads=) and an
+oracle (the k heads best on the held-out split itself: an upper bound, not a result). Each method's
+step window (all steps, the last half, the last quarter), its k and the tau* of DAAM's protocol are
+fit per role on the calibration split (highest mean IoU at tau = 0.4) and scored on the held-out one:
+  pointing game   the map's maximum lies inside the object's mask;
+  DAAM            the map normalised and thresholded at tau in {0.3, 0.4, 0.5} (and tau*), IoU with the
+                  union of the masks of the objects the word names; mIoU = mean over word-mask pairs;
+  ConceptAttention  mask = map > its mean: pixel accuracy, mIoU (mean of foreground and background IoU,
+                  per pair, averaged over pairs) and mAP (sklearn's average precision of the map's pixel
+                  scores against the mask, averaged over pairs).
+
+Maps of existing images (`headscope.image_maps`): scenes the renderer draws (no model drew them),
+scored against the renderer's own masks, calibration scenes from the calibration prompts (noise
+seeds from 100), held-out scenes from the held-out prompts (noise seeds from 0); the noising strength
+(--strengths) is one more choice fit on the calibration scenes.
+
+The old keys stay: "summary" (plain DAAM, all steps, held-out split), "heads" (every head on its own,
+each resolution level, the k best heads ranked on half of the held-out prompts and scored on the
+other half) and "records". New: "splits", "methods", "image_maps", "goals"; and a figure
+(--figure, default daam_methods.png next to --out): image | each method's map | ground truth.
 
 Usage:
-  python benchmarks/daam_segmentation.py                 # embedded model, 2 seeds
+  python benchmarks/daam_segmentation.py                 # embedded model (about 10 minutes on 2 cores)
   python benchmarks/daam_segmentation.py --tiny          # smoke run on a tiny random pipeline
 """
 from __future__ import annotations
@@ -22,18 +40,28 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import harness
 import headscope
-from headscope.maps.daam import threshold
+import map_fit
+from headscope.errors import HeadscopeError
+from headscope.maps import metrics
 from headscope.shapes.annotate import annotate
 from headscope.shapes.evaluate import eval_scenes
 from headscope.shapes.world import COLORS, PLURALS, POSITIONS, SIZES, Scene
 
 TAUS = (0.3, 0.4, 0.5)
+ROLE_ORDER = ("shape", "color", "size", "position")
+WINDOWS = {"all": None, "0.5:1": (0.5, 1.0), "0.75:1": (0.75, 1.0)}  # step windows: every method may pick one
+CAL_SCENE_SEED, IMAGE_CAL_SEED = 4321, 100
+FIGURE_METHODS = ("daam", "selective", "weighted", "fitted")
+FIGURE_PICKS = (("shape", "one object"), ("shape", "pair, second"), ("color", "one object"), ("size", ""),
+                ("position", ""))  # (role, context): one row each, each from another prompt
+FIGURE_RENDERED_PICKS = (("shape", "pair"),)
 
 
 def word_targets(scene: Scene, objects) -> list[tuple[str, str, int, list]]:
@@ -78,37 +106,89 @@ def _context(scene: Scene, word: str, occurrence: int) -> str:
     return "pair, first" if position < words.index("and") else "pair, second"
 
 
-def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str):
-    """Records (one per content word and image); scored records keep their per-head maps in `_heads`."""
+def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str,
+                  windows: dict | None = None):
+    """Records (one per content word and image). A scored record keeps its target mask (`target`), its
+    per-layer native maps per step window (`maps`, see `map_fit.native_maps`), its per-head maps at
+    latent size (`_heads`) and its image (`_image`); plain DAAM's scores (all heads, all steps) are in
+    the record's own keys (pointing, iou@tau, head_pointing)."""
+    windows = windows or {"all": None}
     records = []
     jobs = [(scene, seed) for seed in seeds for scene in scenes]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start: start + batch]
         generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
-        with headscope.trace(pipe) as tc:
+        with headscope.trace(pipe, keep_steps=any(spec is not None for spec in windows.values())) as tc:
             images = pipe([s.caption for s, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                           generator=generators).images
         for i, ((scene, seed), image) in enumerate(zip(chunk, images)):
-            objects = annotate(image)
-            for word, role, occurrence, matching in word_targets(scene, objects):
-                record = {"prompt": scene.caption, "seed": seed, "word": word, "role": role,
-                          "context": _context(scene, word, occurrence), "found": bool(matching)}
-                if matching:
-                    target = np.logical_or.reduce([o.mask for o in matching])
-                    heat = tc.word_map(word, occurrence=occurrence, image=i, upsample=upsample)
-                    peak = np.unravel_index(int(torch.argmax(heat)), heat.shape)
-                    record["pointing"] = bool(target[peak])
-                    record["chance_pointing"] = float(target.mean())
-                    for tau in TAUS:
-                        mask = threshold(heat, tau).numpy()
-                        record[f"iou@{tau}"] = float((mask & target).sum() / max(1, (mask | target).sum()))
-                    record["chance_iou"] = float(target.mean())
-                    record["_heads"] = tc.head_maps(word, occurrence=occurrence, image=i)  # [heads, h, w] latent size
-                    record["_target"] = target
-                    record["head_pointing"] = _pointing(_to_image(record["_heads"], target.shape, upsample), target)
+            for record in _word_records(scene, annotate(image), seed):
+                if record["found"]:
+                    _add_maps(record, tc, i, windows)
+                    _score_daam(record, tc.index.latent_hw, upsample)
+                    record["_image"] = np.asarray(image)
                 records.append(record)
         print(f"  {min(start + batch, len(jobs))}/{len(jobs)} images", file=sys.stderr)
     return records
+
+
+def rendered_records(pipe, scenes, *, strengths, samples: int, seed: int, steps: int, windows: dict) -> list[dict]:
+    """Records of scenes the renderer drew, scored against the renderer's masks; their maps come from
+    `headscope.image_maps` at every strength, as views "s=STRENGTH/WINDOW"."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from headscope.shapes.world import render
+
+    records = []
+    for number, scene in enumerate(scenes):
+        pixels, masks = render(scene)
+        objects = [SimpleNamespace(shape=o.shape, color=o.color, mask=m) for o, m in zip(scene.objects, masks)]
+        scene_records = _word_records(scene, objects, seed)
+        for strength in strengths:
+            tc = headscope.image_maps(pipe, Image.fromarray(pixels), scene.caption, strength=strength,
+                                      samples=samples, steps=steps, seed=seed, keep_steps=True)
+            for record in scene_records:
+                _add_maps(record, tc, 0, windows, prefix=f"s={strength}/")
+        for record in scene_records:
+            record["_image"] = pixels
+        records += scene_records
+        print(f"  {number + 1}/{len(scenes)} rendered scenes", file=sys.stderr)
+    return records
+
+
+def _word_records(scene: Scene, objects, seed: int) -> list[dict]:
+    """One record per content word of `scene`, with the union of its objects' masks as `target` when found."""
+    records = []
+    for word, role, occurrence, matching in word_targets(scene, objects):
+        record = {"prompt": scene.caption, "seed": seed, "word": word, "role": role,
+                  "context": _context(scene, word, occurrence), "found": bool(matching), "_occurrence": occurrence}
+        if matching:
+            record["target"] = np.logical_or.reduce([o.mask for o in matching])
+        records.append(record)
+    return records
+
+
+def _add_maps(record: dict, tc, image: int, windows: dict, prefix: str = "") -> None:
+    if record["found"]:
+        maps = record.setdefault("maps", {})
+        for name, spec in windows.items():
+            maps[prefix + name] = map_fit.native_maps(tc, record["word"], record["_occurrence"], image, spec)
+
+
+def _score_daam(record: dict, latent_hw, upsample: str) -> None:
+    """Plain DAAM's scores (all heads, all steps) and the heads' own maps, under the record's old keys."""
+    target = record["target"]
+    heat = map_fit.head_stack(record["maps"]["all"], target.shape, upsample).sum(dim=0)  # = tc.word_map(word)
+    record["pointing"] = metrics.pointing(heat, target)
+    record["chance_pointing"] = float(target.mean())
+    for tau in TAUS:
+        record[f"iou@{tau}"] = metrics.daam_iou(heat, target, tau)
+    record["chance_iou"] = float(target.mean())
+    record["_heads"] = map_fit.head_stack(record["maps"]["all"], latent_hw, upsample)  # [heads, h, w] latent size
+    record["_target"] = target
+    record["head_pointing"] = _pointing(_to_image(record["_heads"], target.shape, upsample), target)
 
 
 def _to_image(maps: torch.Tensor, size, upsample: str) -> torch.Tensor:
@@ -214,40 +294,255 @@ def format_heads(heads: dict) -> str:
             + harness.table(rows, ["words", "best head", *levels, *(key.split("_")[0] for key in tops)]))
 
 
+def format_methods(table: dict, title: str) -> str:
+    """One row per role and method: its choices, then every protocol's held-out numbers."""
+    columns = ["words", "method", "view", "k", "n", "pointing", *(f"mIoU@{tau}" for tau in TAUS), "tau*",
+               "mIoU@tau*", "CA acc", "CA mIoU", "CA mAP"]
+    rows = []
+    for role, methods in table.items():
+        for method, entry in methods.items():
+            held, config = entry["heldout"], entry["config"]
+            if not held.get("n"):
+                continue
+            rows.append([role, method, config["view"], config["k"] or "-", held["n"], held["pointing"],
+                         *(held[f"miou@{tau}"] for tau in TAUS), config["tau_fit"], held["miou@fit"],
+                         held["mean_threshold_pixel_accuracy"], held["mean_threshold_miou"],
+                         held["mean_threshold_ap"]])
+    return (f"{title} (CA: ConceptAttention's protocol, mask = map > its mean; oracle: heads, k and view "
+            "chosen on the held-out split itself)\n" + harness.table(rows, columns))
+
+
+def goals(methods: dict, image_methods: dict | None) -> dict:
+    """The issue's held-out goals, met or not, by the best non-oracle method."""
+    def best(table, role, key):
+        entries = {m: e["heldout"][key] for m, e in (table or {}).get(role, {}).items()
+                   if m != "oracle" and e["heldout"].get("n")}
+        if not entries:
+            return {"method": None, "value": None}
+        method = max(entries, key=entries.get)
+        return {"method": method, "value": entries[method], "daam": entries.get("daam")}
+
+    found = {"noun_miou@0.4": {**best(methods, "shape", "miou@0.4"), "goal": 0.70},
+             "color_pointing": {**best(methods, "color", "pointing"), "goal": 0.80}}
+    for entry in found.values():
+        entry["met"] = entry["value"] is not None and entry["value"] >= entry["goal"]
+    if image_methods:
+        found["rendered_noun_miou@0.4"] = {**best(image_methods, "shape", "miou@0.4"), "goal": None}
+    return found
+
+
+def figure_rows(records, fit: map_fit.Fit, table: dict, *, label: str, picks) -> list[dict]:
+    """Panels of the comparison figure, one per (role, context) in `picks`: the first scored record of
+    that kind (any context when none) whose prompt no earlier row used, with every method's map (its
+    chosen view and heads)."""
+    rows, used = [], set()
+    for role, context in picks:
+        fresh = [r for r in records if r["found"] and r["role"] == role and r["prompt"] not in used]
+        record = next((r for r in fresh if context in r["context"]), fresh[0] if fresh else None)
+        if record is None:
+            continue
+        used.add(record["prompt"])
+        maps, scores = {}, {}
+        for method in FIGURE_METHODS:
+            entry = table.get(role, {}).get(method)
+            if entry is None or entry["config"]["view"] not in record["maps"]:
+                continue
+            choice = {"view": entry["config"]["view"], "k": entry["config"]["k"]}
+            heads = map_fit.head_stack(record["maps"][choice["view"]], record["target"].shape, fit.upsample)
+            maps[method] = map_fit.method_map(fit.weights(role, method, choice), heads)
+            scores[method] = metrics.daam_iou(maps[method], record["target"], 0.4)
+        rows.append({"image": record["_image"], "word": record["word"], "prompt": record["prompt"],
+                     "source": label, "maps": maps, "scores": scores, "truth": record["target"]})
+    return rows
+
+
+def ceilings(records, index, hrv, upsample: str) -> dict:
+    """Why a map can miss, per role: the IoU@0.4 of the object's own mask average-pooled to each layer
+    resolution and upsampled as a head's map is (the best any head of that level could do), and the
+    resolutions of the HRV's 8 most relevant heads of the role's concept."""
+    import torch.nn.functional as F
+
+    from headscope.maps.daam import _upsample
+
+    levels = sorted({layer.resolution for layer in index.layers}, reverse=True)
+    found: dict = {"perfect_map_at_resolution_miou@0.4": {}, "hrv_top8_heads_by_resolution": {}}
+    for role in ROLE_ORDER:
+        scored = [r for r in records if r["role"] == role and r["found"]]
+        if scored:
+            found["perfect_map_at_resolution_miou@0.4"][role] = {
+                f"{h}x{w}": float(np.mean([metrics.daam_iou(_upsample(F.adaptive_avg_pool2d(
+                    torch.from_numpy(r["target"]).float()[None, None], (h, w))[0], r["target"].shape, upsample)[0],
+                    r["target"], 0.4) for r in scored])) for h, w in levels}
+        if hrv is not None:
+            counts: dict = defaultdict(int)
+            for head in hrv.top_heads(map_fit.ROLE_CONCEPT[role], min(8, index.n_heads)).tolist():
+                layer = index.layers[index.unflat(head)[0]]
+                counts[f"{layer.resolution[0]}x{layer.resolution[1]}"] += 1
+            found["hrv_top8_heads_by_resolution"][role] = dict(counts)
+    return found
+
+
 def options():
     parser = harness.parser(__doc__, "daam_segmentation", tiny="shapes", device=False)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1", help="held-out seeds")
+    parser.add_argument("--cal-seeds", default="2,3", help="calibration seeds")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--upsample", default="bicubic", choices=("bicubic", "box"))
-    parser.add_argument("--n-single", type=int, default=48)
-    parser.add_argument("--n-pair", type=int, default=24)
+    parser.add_argument("--n-single", type=int, default=48, help="held-out one-object prompts")
+    parser.add_argument("--n-pair", type=int, default=24, help="held-out two-object prompts")
+    parser.add_argument("--cal-single", type=int, default=32, help="calibration one-object prompts")
+    parser.add_argument("--cal-pair", type=int, default=16, help="calibration two-object prompts")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hrv", default=None, help="HRV file of selective / weighted (default: the model's own; "
+                                                    "--tiny: a random one)")
+    parser.add_argument("--image-cal", type=int, default=16, help="rendered calibration scenes (0: no image maps)")
+    parser.add_argument("--image-heldout", type=int, default=24, help="rendered held-out scenes")
+    parser.add_argument("--strengths", default="0.3,0.5,0.7", help="noising strengths to choose from")
+    parser.add_argument("--samples", type=int, default=4, help="noise samples per image map")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="comparison figure (default: daam_methods.png next to --out)")
+    # One thread: the embedded model is too small to gain from more, and on shared cores OpenMP's
+    # spinning threads made this run several times slower (measured: 74 images in 15 min vs 2 min).
+    parser.set_defaults(threads=1)
     return parser
 
 
+def _numbers(text: str, kind=int) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def _hrv(args, pipe):
+    from headscope.steer.scale import resolve_hrv
+
+    if args.tiny and args.hrv is None:
+        from headscope.shapes.world import GEOMETRIC
+        from headscope.testing import random_hrv
+
+        words = {"color": [c for c in COLORS if c not in ("rose", "orange")], "shape": list(GEOMETRIC),
+                 "size": list(SIZES), "position": list(POSITIONS)}
+        return random_hrv(pipe, words, seed=0), "random HRV (--tiny)"
+    return resolve_hrv(pipe, args.hrv), args.hrv or "the model's own HRV"
+
+
+def _splits(args):
+    """(calibration scenes, held-out scenes): disjoint captions; seeds are disjoint by the options."""
+    heldout = eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=0, n_polysemy=0)
+    held_captions = {s.caption for s in heldout}
+    calibration = [s for s in eval_scenes(seed=CAL_SCENE_SEED, n_single=args.cal_single, n_pair=args.cal_pair,
+                                          n_count=0, n_polysemy=0) if s.caption not in held_captions]
+    return calibration, heldout
+
+
+def _spread(scenes, n: int):
+    """n scenes spread evenly over the list (one-object and two-object prompts alike)."""
+    if n >= len(scenes):
+        return list(scenes)
+    return [scenes[int(i * len(scenes) / n)] for i in range(n)]
+
+
+def _image_maps(pipe, args, cal_scenes, held_scenes, index, hrv) -> dict | None:
+    """Maps of rendered scenes: strength, window and k fit on calibration scenes, scored on held-out ones."""
+    if args.image_cal <= 0 or args.image_heldout <= 0:
+        return None
+    strengths = _numbers(args.strengths, float)
+    print(f"maps of rendered scenes: {args.image_cal} calibration scenes x strengths {strengths}", file=sys.stderr)
+    calibration = rendered_records(pipe, _spread(cal_scenes, args.image_cal), strengths=strengths,
+                                   samples=args.samples, seed=IMAGE_CAL_SEED, steps=args.steps, windows=WINDOWS)
+    views = [f"s={s}/{w}" for s in strengths for w in WINDOWS]
+    fit = map_fit.Fit(hrv, index.n_heads, views, _image_size(calibration), args.upsample)
+    scored_cal = [r for r in calibration if r["found"]]
+    fit.rank_heads(scored_cal, [])
+    cal_scores = fit.cheap_scores(scored_cal)
+    chosen = sorted({float(c["view"].split("/")[0][2:]) for role in map_fit.ROLES for method in map_fit.METHODS
+                     if method != "oracle" and (c := fit.choose(cal_scores, role, method)) is not None})
+    print(f"  held-out: {args.image_heldout} scenes at the chosen strengths {chosen}", file=sys.stderr)
+    heldout = rendered_records(pipe, _spread(held_scenes, args.image_heldout), strengths=chosen or strengths[:1],
+                               samples=args.samples, seed=0, steps=args.steps, windows=WINDOWS)
+    table = map_fit.fit_and_score(fit, scored_cal, [r for r in heldout if r["found"]])
+    return {"calibration_scenes": len(_spread(cal_scenes, args.image_cal)),
+            "heldout_scenes": len(_spread(held_scenes, args.image_heldout)), "strengths": strengths,
+            "heldout_strengths": chosen, "samples": args.samples, "noise_seeds": {"calibration": IMAGE_CAL_SEED,
+                                                                                  "heldout": 0},
+            "methods": table, "_fit": fit, "_heldout": heldout}
+
+
+def _image_size(records) -> tuple[int, int]:
+    """(H, W) of the records' masks."""
+    return next((r["target"].shape for r in records if r["found"]), (64, 64))
+
+
 def measure(args) -> dict:
-    from headscope.heads import HeadIndex
     from headscope.models import model_defaults
 
     pipe, model_name = harness.load(args)
     guidance = args.guidance if args.guidance is not None else model_defaults(pipe).get("guidance_scale", 5.0)
-    scenes = [s for s in eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=0, n_polysemy=0)]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    hrv, hrv_name = _hrv(args, pipe)
+    cal_scenes, held_scenes = _splits(args)
+    seeds, cal_seeds = _numbers(args.seeds), _numbers(args.cal_seeds)
+    if set(seeds) & set(cal_seeds):
+        raise HeadscopeError(f"--seeds {args.seeds} and --cal-seeds {args.cal_seeds} overlap; the splits must not share seeds")
     started = time.perf_counter()
-    records = evaluate_maps(pipe, scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
-                            upsample=args.upsample)
+    print(f"calibration: {len(cal_scenes)} prompts x seeds {cal_seeds}", file=sys.stderr)
+    calibration = evaluate_maps(pipe, cal_scenes, cal_seeds, steps=args.steps, guidance=guidance, batch=args.batch,
+                                upsample=args.upsample, windows=WINDOWS)
+    print(f"held-out: {len(held_scenes)} prompts x seeds {seeds}", file=sys.stderr)
+    records = evaluate_maps(pipe, held_scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
+                            upsample=args.upsample, windows=WINDOWS)
+    index = _head_index(pipe)
+    size = _image_size(records)
+    fit = map_fit.Fit(hrv, index.n_heads, list(WINDOWS), size, args.upsample)
+    methods = map_fit.fit_and_score(fit, [r for r in calibration if r["found"]], [r for r in records if r["found"]])
     table = summarize(records)
-    heads = head_analysis(records, HeadIndex.from_unet(pipe.unet), args.upsample)
-    for record in records:
-        record.pop("_heads", None), record.pop("_target", None)
-    print(f"DAAM vs annotator masks — {model_name}, {len(scenes)} prompts x {len(seeds)} seeds, "
+    heads = head_analysis(records, index, args.upsample)
+    image_maps = _image_maps(pipe, args, cal_scenes, held_scenes, index, hrv)
+    rows = figure_rows(records, fit, methods, label="generated", picks=FIGURE_PICKS)
+    if image_maps:
+        rows += figure_rows(image_maps.pop("_heldout"), image_maps.pop("_fit"), image_maps["methods"],
+                            label="rendered", picks=FIGURE_RENDERED_PICKS)
+    figure = args.figure or args.out.with_name("daam_methods.png")
+    if rows:
+        from headscope import viz
+
+        viz.save_figure(viz.method_comparison_figure(rows, FIGURE_METHODS), figure)
+        print(f"wrote {figure}", file=sys.stderr)
+    print(f"DAAM vs annotator masks — {model_name}, held-out {len(held_scenes)} prompts x {len(seeds)} seeds, "
           f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
     print(format_table(table))
     print(format_heads(heads))
-    return {"model": model_name, "prompts": len(scenes), "seeds": seeds, "steps": args.steps,
+    print(format_methods(methods, f"map methods on held-out prompts and seeds (fit on {len(cal_scenes)} calibration "
+                                  f"prompts x seeds {cal_seeds})"))
+    if image_maps:
+        print(format_methods(image_maps["methods"], f"maps of {image_maps['heldout_scenes']} rendered held-out scenes "
+                                                    "(strength, window, k fit on rendered calibration scenes)"))
+    reached = goals(methods, image_maps and image_maps["methods"])
+    print("goals: " + "; ".join(f"{name} {e['value'] if e['value'] is None else round(e['value'], 3)} "
+                                f"({e['method']}){'' if e['goal'] is None else ' met' if e['met'] else ' missed'}"
+                                for name, e in reached.items()))
+    return {"model": model_name, "prompts": len(held_scenes), "seeds": seeds, "steps": args.steps,
             "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
-            "summary": table, "heads": heads, "records": records}
+            "summary": table, "heads": heads,
+            "splits": {"calibration": {"prompts": len(cal_scenes), "scene_seed": CAL_SCENE_SEED, "seeds": cal_seeds,
+                                       "words_scored": sum(r["found"] for r in calibration)},
+                       "heldout": {"prompts": len(held_scenes), "scene_seed": 1234, "seeds": seeds,
+                                   "words_scored": sum(r["found"] for r in records)},
+                       "views": {name: spec for name, spec in WINDOWS.items()}, "hrv": hrv_name,
+                       "fit": "per role and method: view (step window; strength for image maps) and k with the "
+                              "highest calibration mean IoU at tau=0.4, then tau* on " + str(list(map_fit.TAU_GRID)),
+                       "k_grid": fit.ks},
+            "methods": methods, "image_maps": image_maps, "goals": reached,
+            "ceilings": ceilings(records, index, hrv, args.upsample),
+            "records": [_public(record) for record in records]}
+
+
+def _head_index(pipe):
+    from headscope.heads import HeadIndex
+
+    return HeadIndex.from_unet(pipe.unet)
+
+
+def _public(record: dict) -> dict:
+    return {key: value for key, value in record.items() if not key.startswith("_") and key not in ("maps", "target")}
 
 
 def main(argv=None) -> int:

@@ -204,3 +204,47 @@ def _outline(head: int, layer: int):
     from matplotlib.patches import Rectangle
 
     return Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6)
+
+
+METHOD_HEADERS = {"daam": "daam\n(all heads summed)", "selective": "selective\n(HRV's top-k heads)",
+                  "weighted": "weighted\n(heads x HRV relevance)", "fitted": "fitted heads\n(best k on calibration)"}
+
+
+def method_comparison_figure(rows: list[dict], methods, *, tau: float = 0.4) -> Figure:
+    """One row per word: its image, each method's map over it, the true mask.
+
+    rows: {"image", "word", "prompt", "source" (e.g. "generated"), "maps": {method: [H, W]},
+    "scores": {method: IoU at tau}, "truth": bool [H, W]}. Each map is normalised on its own; the white
+    line is its mask at `tau` (DAAM's threshold), whose IoU with the truth the panel title gives.
+    """
+    methods = [method for method in methods if any(method in row["maps"] for row in rows)]
+    columns = 2 + len(methods)
+    figure = Figure(figsize=(1.9 * columns + 1.6, 2.05 * len(rows) + 1.1), layout="constrained")
+    grid = figure.subplots(len(rows), columns, squeeze=False)
+    shown = None
+    for number, row in enumerate(rows):
+        pixels = _as_pixels(row["image"])
+        panels = grid[number]
+        panels[0].imshow(pixels)
+        panels[0].set_title(f'{row["source"]}: "{row["word"]}"\n' + _wrap(row["prompt"], 30), fontsize=7)
+        for axes, method in zip(panels[1:], methods):
+            if method not in row["maps"]:
+                axes.set_visible(False)
+                continue
+            shown = _draw_overlay(axes, pixels, row["maps"][method])
+            mask = normalize(row["maps"][method].detach().float().cpu()).numpy() >= tau
+            if mask.any() and not mask.all():
+                axes.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+            axes.set_title(f'IoU {row["scores"][method]:.2f}', fontsize=8)
+        panels[-1].imshow(np.asarray(row["truth"], bool), cmap="gray", vmin=0, vmax=1)
+        panels[-1].set_title("the word's object", fontsize=8)
+        for axes in panels:
+            axes.set_axis_off()
+    for axes, header in zip(grid[0], ["image", *(METHOD_HEADERS.get(m, m) for m in methods), "ground truth"]):
+        axes.set_title(f"{header}\n\n{axes.get_title()}", fontsize=8)
+    figure.suptitle(f"Word maps by method (held-out prompts and seeds); white line: the map's mask at tau = {tau}, "
+                    "IoU against the object mask", fontsize=9)
+    if shown is not None:
+        figure.colorbar(shown, ax=grid.ravel().tolist(), location="bottom", shrink=0.35, aspect=40,
+                        label="attention to the word, normalised per map (0 = least, 1 = most)")
+    return figure

@@ -4,7 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+import headscope
+from headscope.maps import daam, metrics
+from headscope.testing import generate, random_hrv
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -18,18 +24,52 @@ def _load(name: str):
     return module
 
 
-def test_daam_benchmark_scores_heads_levels_and_heldout_head_choices(tmp_path):
-    benchmark = _load("daam_segmentation")
-    out = tmp_path / "daam.json"
-    benchmark.main(["--tiny", "--n-single", "4", "--n-pair", "1", "--steps", "2", "--out", str(out)])
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One smoke run of daam_segmentation on the tiny pipeline: (its JSON, its folder)."""
+    folder = tmp_path_factory.mktemp("daam")
+    _load("daam_segmentation").main([
+        "--tiny", "--n-single", "4", "--n-pair", "1", "--cal-single", "2", "--cal-pair", "1", "--steps", "4",
+        "--strengths", "0.5,1", "--samples", "1", "--image-cal", "2", "--image-heldout", "2",
+        "--out", str(folder / "daam.json")])
+    return json.loads((folder / "daam.json").read_text()), folder
+
+
+def test_daam_benchmark_scores_heads_levels_and_heldout_head_choices(tiny_run):
+    result, folder = tiny_run
     assert result["prompts"] == 5 and result["seeds"] == [0, 1]
     for role, entry in result["heads"].items():
         assert len(entry["head_pointing"]) == 8  # the tiny shapes architecture: 8 heads
         assert all(0.0 <= value <= 1.0 for value in entry["head_pointing"])
         assert entry["best_head_pointing"] == max(entry["head_pointing"])
         assert set(entry["level_pointing"]) and "top4_heads_heldout_pointing" in entry
-    assert not any("_heads" in record for record in result["records"])
+    assert not any("_heads" in record or "maps" in record for record in result["records"])
+    assert (folder / "daam_methods.png").is_file()
+
+
+def test_daam_benchmark_fits_on_calibration_and_scores_every_method_on_heldout_rendered_scenes(tiny_run):
+    result, _ = tiny_run
+    splits = result["splits"]
+    assert set(splits["calibration"]["seeds"]).isdisjoint(splits["heldout"]["seeds"])
+    rendered = result["image_maps"]
+    assert rendered["heldout_strengths"] and set(rendered["heldout_strengths"]) <= {0.5, 1.0}
+    nouns = rendered["methods"]["shape"]  # the renderer's masks: every rendered noun is scored
+    assert set(nouns) == {"daam", "selective", "weighted", "fitted", "oracle"}
+    assert nouns["oracle"]["chosen_on"] == "heldout (oracle)" and nouns["fitted"]["chosen_on"] == "calibration"
+    for entry in nouns.values():
+        held, config = entry["heldout"], entry["config"]
+        assert held["n"] >= 2 and 0.0 <= held["miou@0.4"] <= 1.0 and 0.0 <= held["mean_threshold_ap"] <= 1.0
+        assert config["view"].startswith(("s=0.5/", "s=1.0/")) and 0.2 <= config["tau_fit"] <= 0.8
+    assert len(nouns["selective"]["config"]["heads"]) == nouns["selective"]["config"]["k"]
+    assert "noun_miou@0.4" in result["goals"]
+
+
+def test_overlapping_calibration_and_heldout_seeds_are_refused(tmp_path, capsys):
+    benchmark = _load("daam_segmentation")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--tiny", "--seeds", "0,1", "--cal-seeds", "1,2", "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and "overlap" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_pointing_counts_a_hit_only_inside_the_mask():
@@ -80,3 +120,74 @@ def test_daam_benchmark_tells_which_object_of_a_pair_a_word_describes():
     assert benchmark._context(pair, "circle", 1) == "pair, second"
     assert benchmark._context(pair, "blue", 0) == "pair, second"
     assert benchmark._context(Scene(objects[:1], "a red circle", "single", {}), "circle", 0) == "one object"
+
+
+# -- the metrics, on examples small enough to check by hand ------------------------------------
+
+MAP = torch.tensor([[0.0, 1.0], [3.0, 4.0]])
+TRUTH = np.array([[False, True], [False, True]])
+
+
+def test_pointing_is_a_hit_when_the_first_maximum_lies_in_the_mask():
+    assert metrics.pointing(MAP, TRUTH)
+    assert not metrics.pointing(MAP, ~TRUTH)
+    ties = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert metrics.pointing(ties, np.array([[True, False], [False, False]]))  # row-major: the first of equal maxima
+
+
+def test_daam_iou_normalises_then_thresholds_at_tau():
+    # normalised [[0, .25], [.75, 1]]: at 0.4 the bottom row; truth is the right column: 1 shared of 3
+    assert metrics.daam_iou(MAP, TRUTH, 0.4) == pytest.approx(1 / 3)
+    assert metrics.daam_iou(MAP, TRUTH, 0.2) == pytest.approx(2 / 3)  # adds the top-right pixel
+    assert metrics.daam_iou(MAP, TRUTH, 0.4) == metrics.iou(daam.threshold(MAP, 0.4).numpy(), TRUTH)
+
+
+def test_mean_threshold_gives_pixel_accuracy_foreground_background_miou_and_average_precision():
+    scores = metrics.mean_threshold(MAP, TRUTH)
+    # mean 2: predicted = bottom row; right on (0, 0) and (1, 1) of 4 pixels
+    assert scores["pixel_accuracy"] == pytest.approx(0.5)
+    # foreground IoU 1/3 (the bottom row vs the right column), background IoU 1/3 (top row vs left column)
+    assert scores["miou"] == pytest.approx(1 / 3)
+    # ranked 4 (hit), 3, 1 (hit), 0: precision 1 at recall 0.5, 2/3 at recall 1
+    assert scores["ap"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_the_stacked_scores_equal_the_single_ones():
+    maps = torch.stack([MAP, MAP.flip(0), torch.ones(2, 2)])
+    ious = metrics.daam_iou_stack(maps, TRUTH, (0.3, 0.4))
+    assert ious.shape == (3, 2) and ious[2].tolist() == [0.0, 0.0]  # a flat map normalises to zeros
+    assert ious[1, 1] == pytest.approx(metrics.daam_iou(MAP.flip(0), TRUTH, 0.4))
+    assert metrics.pointing_stack(maps[:2], TRUTH).tolist() == [True, True]
+
+
+def test_the_benchmarks_method_maps_equal_the_librarys(tiny_sd):
+    map_fit = _load("map_fit")
+    hrv = random_hrv(tiny_sd, {"color": ["red"], "shape": ["circle"], "size": ["big"], "position": ["left"]})
+    with headscope.trace(tiny_sd, keep_steps=True) as tc:
+        generate(tiny_sd, "a red circle on the left", steps=4)
+    native = map_fit.native_maps(tc, "circle", 0, 0, (0.5, 1.0))
+    heads = map_fit.head_stack(native, tc.image_size, "bicubic")
+    assert torch.allclose(heads, tc.head_maps("circle", steps=(0.5, 1.0), size=tc.image_size))
+    fit = map_fit.Fit(hrv, tc.index.n_heads, ["late"], tc.image_size, "bicubic")
+    found = {(method, k): weights for method, k, weights in fit.candidates("shape", "late")}
+    for (method, k), options in [(("daam", None), {}), (("selective", 4), {"method": "selective", "k": 4}),
+                                 (("weighted", None), {"method": "weighted"})]:
+        expected = tc.word_map("circle", steps=(0.5, 1.0), hrv=hrv, concept="shape", **options)
+        assert torch.allclose(map_fit.method_map(found[method, k], heads), expected, atol=1e-6)
+
+
+def test_fit_picks_the_view_and_k_with_the_best_calibration_miou_and_its_best_tau():
+    map_fit = _load("map_fit")
+    fit = map_fit.Fit(None, 8, ["all", "late"], (4, 4), "bicubic")
+    column = map_fit.TAU_GRID.index(0.4)
+    def rows(at_fit, best_tau=None):
+        scores = np.full((3, len(map_fit.TAU_GRID)), 0.1)
+        scores[:, column] = at_fit
+        if best_tau is not None:
+            scores[:, map_fit.TAU_GRID.index(best_tau)] = 0.9
+        return scores
+    scores = {("shape", "all", "fitted", 1): rows(0.5), ("shape", "late", "fitted", 2): rows(0.6, best_tau=0.7),
+              ("shape", "late", "fitted", 4): rows(0.6)}
+    choice = fit.choose(scores, "shape", "fitted")
+    assert (choice["view"], choice["k"], choice["tau"]) == ("late", 2, 0.7)  # a tie on 0.6 goes to the smaller k
+    assert choice["fit_miou@0.4"] == pytest.approx(0.6) and fit.choose(scores, "color", "fitted") is None
