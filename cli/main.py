@@ -23,6 +23,7 @@ from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite,
                                   generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
+from headscope_cli.maps import from_context, image_options, map_options
 from headscope_cli.report import report
 from headscope_cli.shapes import shapes
 from headscope_cli.study import study
@@ -139,6 +140,7 @@ def generation_options(command):
 @click.argument("prompt")
 @generation_options
 @click.option("--daam", "with_daam", is_flag=True, help="Also draw a heat map for every word.")
+@map_options(hrv=False)
 @steering_options
 @trajectory_options
 def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, steer_steps, neglect, subjects,
@@ -161,8 +163,10 @@ def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, stee
 @click.argument("prompt")
 @generation_options
 @click.option("--word", "words", multiple=True, help="Word to map (repeatable; default: every word).")
+@map_options(hrv=True)
+@image_options
 def daam(prompt, words, **options):
-    """Generate PROMPT and draw DAAM word maps and per-head grids into --out/maps."""
+    """Generate PROMPT (or read --image) and draw word maps and per-head grids into --out/maps."""
     _run(prompt, words=list(words), head_grids=True, **options)
 
 
@@ -215,6 +219,8 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
     from headscope.backbones import denoiser_of
     from headscope.prompts import prompt_tokens
 
+    maps, source, steer = from_context(words=words, steer=steer, guidance=guidance, num_images=num_images,
+                                       negative_prompt=negative_prompt)
     pipe = load_model(model, device, dtype)
     steps, guidance = generation_settings(pipe, steps, guidance)
     defaults = _call_defaults(pipe)
@@ -227,25 +233,35 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
             raise HeadscopeError(f"the prompt {prompt!r} has no words to draw maps of; give a prompt with words")
         for word in words:
             tokenization.positions(word)
+        maps.check(pipe, words)
+    if source is not None:
+        source.check(pipe)
     plan = plan_steering(pipe, prompt, **steer) if steer else SteeringPlan()
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
     generator = torch.Generator("cpu").manual_seed(seed)
     call = dict(num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt,
                 num_images_per_prompt=num_images, generator=generator, **defaults)
-    with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
-        images = pipe(prompt, **call, **extra).images
+    if source is not None:
+        tc, images = source.trace(pipe, prompt, steps=steps, seed=seed, window=window)
+    else:
+        with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
+            images = pipe(prompt, **call, **extra).images
     summary = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                "guidance": guidance, "num_images": num_images, "model": model or "embedded shapes model",
                "device": str(pipe.device), "dtype": str(denoiser_of(pipe).dtype).replace("torch.", ""),
                "window": window, "files": []}
     if plan.summary:
         summary["steering"] = plan.summary
+    if source is not None:
+        summary.update(source.summary())
+    if words is not None:
+        summary["maps"] = maps.summary
     with staged_folder(out) as stage:
         summary["files"] += _write_images(stage, images)
         if words is not None:
             summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
                                 "fingerprint": tc.index.fingerprint()}
-            summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids)
+            summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids, maps.options)
             summary["files"] += files
         summary["files"].append("summary.json")
         write_json(stage / "summary.json", summary)
@@ -276,22 +292,25 @@ def _write_images(stage: Path, images) -> list[str]:
     return names
 
 
-def _write_maps(stage: Path, tc, images, words, prompt, head_grids):
-    """Word-map figures (per word, and a grid per image) + per-head grids; returns (stats, files)."""
+def _write_maps(stage: Path, tc, images, words, prompt, head_grids, method_options=None):
+    """Word-map figures (per word, and a grid per image) + per-head grids; returns (stats, files).
+
+    method_options: keyword arguments of `tc.word_map` / `tc.head_maps` (the map method), default DAAM's.
+    """
     from headscope import viz
 
     stats, files = {word: [] for word in words}, []
     (stage / "maps").mkdir()
     for image_number, image in enumerate(images):
         suffix = "" if len(images) == 1 else f"-{image_number}"
-        maps = {word: tc.word_map(word, image=image_number).cpu() for word in words}
+        maps = {word: tc.word_map(word, image=image_number, **(method_options or {})).cpu() for word in words}
         for word, heat_map in maps.items():
             stats[word].append(_map_stats(tc, word, image_number, heat_map))
             files.append(_save(viz.overlay_figure(image, heat_map, word=word, prompt=prompt),
                                stage, f"maps/word-{_slug(word)}{suffix}.png"))
             if head_grids:
-                figure = viz.head_grid_figure(tc.head_maps(word, image=image_number), tc.index, word=word,
-                                              prompt=prompt)
+                figure = viz.head_grid_figure(tc.head_maps(word, image=image_number, **(method_options or {})),
+                                              tc.index, word=word, prompt=prompt)
                 files.append(_save(figure, stage, f"maps/heads-{_slug(word)}{suffix}.png"))
         files.append(_save(viz.word_grid_figure(image, maps, prompt=prompt), stage, f"maps/words{suffix}.png"))
     return stats, files
