@@ -80,17 +80,22 @@ def project_keys(pipe, index: HeadIndex, embeddings: torch.Tensor) -> dict[int, 
     return keys
 
 
-def concept_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, token_index: torch.Tensor,
-                   pooling: torch.Tensor) -> torch.Tensor:
-    """Mean attention of each head's queries to each sampled concept word: [heads, concepts].
+def concept_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, positions: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+    """Mean attention of each head's queries to each sampled concept word: [rows, heads, concepts].
 
-    query: [heads, n_query, head_dim]; keys: [heads, tokens, head_dim]; token_index: [sampled tokens]
-    into keys; pooling: [sampled tokens, concepts], 1/len(word) on each word's tokens.
+    query: [rows, heads, n_query, head_dim]; keys: [heads, tokens, head_dim]; positions: [rows, concepts,
+    word tokens] into keys (padded), valid: the same shape, False on padding.
     Softmax over all sampled concept tokens per head and pixel, mean over pixels, mean over a word's tokens.
     """
-    chosen = keys[:, token_index]  # [heads, sampled tokens, head_dim]
-    scores = torch.matmul(query.float(), chosen.transpose(1, 2)) * scale  # [heads, n_query, sampled tokens]
-    return scores.softmax(dim=-1).mean(dim=1) @ pooling
+    n_rows, n_concepts, length = positions.shape
+    chosen = keys[:, positions.flatten()].unflatten(1, (n_rows, n_concepts * length)).transpose(0, 1)
+    scores = torch.matmul(query.float(), chosen.transpose(-1, -2)) * scale  # [rows, heads, n_query, sampled]
+    if not valid.all():  # words of several tokens: padding takes no attention
+        scores = scores.masked_fill(~valid.flatten(1)[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).mean(dim=2).unflatten(-1, (n_concepts, length))  # [rows, heads, concepts, length]
+    weights = valid / valid.sum(dim=-1, keepdim=True)  # [rows, concepts, length], 1/len(word) on its tokens
+    return (probs * weights[:, None]).sum(dim=-1)
 
 
 # -- the reader ------------------------------------------------------------------------------------
@@ -112,28 +117,40 @@ class ConceptVotes(Hook):
         self.n_words = torch.tensor(tokens.n_words, dtype=torch.float64)
         self.step_votes = torch.zeros(n_steps, len(tokens.spans), n_heads,
                                       dtype=torch.float64 if soft else torch.int64)
+        self.n_layers = len(keys)
         self._generators: list[torch.Generator] = []
+        self._drawn_for: tuple[int, int] | None = None
+        self._positions, self._valid = _word_table(tokens)
+        self._concepts = torch.arange(len(tokens.spans))
 
     def begin(self, prompt_indices) -> None:
         self._generators = [torch.Generator().manual_seed(prompt_seed(self.seed, index, "words"))
                             for index in prompt_indices]
+        self._drawn_for = None
 
     def wants_query(self, ctx: HookContext) -> bool:
         return True
 
-    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One word per concept: (token index [sampled tokens], pooling [sampled tokens, concepts])."""
-        draws = torch.rand(len(self.tokens.spans), generator=generator, dtype=torch.float64)
-        choices = (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
-        positions, owners = [], []
-        for concept, (spans, choice) in enumerate(zip(self.tokens.spans, choices.tolist())):
-            start, stop = spans[choice]
-            positions.extend(range(start, stop))
-            owners.extend([concept] * (stop - start))
-        owner = torch.tensor(owners)
-        pooling = torch.nn.functional.one_hot(owner, len(self.tokens.spans)).float()
-        pooling = pooling / pooling.sum(dim=0, keepdim=True)
-        return torch.tensor(positions), pooling
+    def _choices(self, ctx: HookContext) -> torch.Tensor:
+        """The word sampled for each concept at this layer call, per row: [rows, concepts] long.
+
+        At a step's first layer call each prompt's generator draws one value per (layer, row of the
+        prompt, concept), layer-major, which is the order of one draw per concept at every layer call.
+        """
+        if self._drawn_for != (ctx.call, ctx.step):
+            self._drawn_for = (ctx.call, ctx.step)
+            prompts = [ctx.layout.prompt_index(ctx.layout.image(row)) for row in ctx.rows]
+            per_prompt = {prompt: prompts.count(prompt) for prompt in dict.fromkeys(prompts)}
+            draws = {prompt: torch.rand(self.n_layers, count, len(self.tokens.spans), generator=self._generators[prompt],
+                                        dtype=torch.float64) for prompt, count in per_prompt.items()}
+            seen = dict.fromkeys(per_prompt, 0)
+            rows = []
+            for prompt in prompts:
+                rows.append(draws[prompt][:, seen[prompt]])  # [layers, concepts]
+                seen[prompt] += 1
+            self._draws = torch.stack(rows, dim=1)  # [layers, rows, concepts]
+        draws = self._draws[ctx.layer.index]
+        return (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
 
     def grow(self, n_steps: int) -> None:
         """Make room for `n_steps` UNet forwards per call (some schedulers run more than one per step)."""
@@ -147,13 +164,27 @@ class ConceptVotes(Hook):
         """query: [cond rows, heads, n_query, head_dim] of one layer call."""
         self.grow(ctx.step + 1)
         keys, scale = self.keys[ctx.layer.index]
-        heads = torch.arange(ctx.layer.offset, ctx.layer.offset + ctx.layer.heads)
-        for position, row in enumerate(ctx.rows):
-            generator = self._generators[ctx.layout.prompt_index(ctx.layout.image(row))]
-            token_index, pooling = self.sample(generator)
-            scores = concept_scores(query[position].to(keys.device), keys, scale, token_index.to(keys.device),
-                                    pooling.to(keys.device)).cpu()  # [heads, concepts]
-            if self.soft:
-                self.step_votes[ctx.step, :, heads] += scores.T.double()
-            else:
-                self.step_votes[ctx.step, scores.argmax(dim=1), heads] += 1
+        choices = self._choices(ctx)  # [rows, concepts]
+        positions = self._positions[self._concepts, choices]  # [rows, concepts, longest word]
+        valid = self._valid[self._concepts, choices]
+        scores = concept_scores(query.to(keys.device), keys, scale, positions.to(keys.device),
+                                valid.to(keys.device)).cpu()  # [rows, heads, concepts]
+        heads = slice(ctx.layer.offset, ctx.layer.offset + ctx.layer.heads)
+        if self.soft:
+            self.step_votes[ctx.step, :, heads] += scores.sum(dim=0).T.double()
+        else:
+            winners = torch.nn.functional.one_hot(scores.argmax(dim=-1), len(self.tokens.spans))  # [rows, heads, concepts]
+            self.step_votes[ctx.step, :, heads] += winners.sum(dim=0).T
+
+
+def _word_table(tokens: ConceptTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of every word, padded: (positions, valid), each [concepts, most words, longest word]."""
+    most = max(tokens.n_words)
+    longest = max(stop - start for spans in tokens.spans for start, stop in spans)
+    positions = torch.zeros(len(tokens.spans), most, longest, dtype=torch.long)
+    valid = torch.zeros(len(tokens.spans), most, longest, dtype=torch.bool)
+    for concept, spans in enumerate(tokens.spans):
+        for word, (start, stop) in enumerate(spans):
+            positions[concept, word, :stop - start] = torch.arange(start, stop)
+            valid[concept, word, :stop - start] = True
+    return positions, valid
