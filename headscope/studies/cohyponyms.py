@@ -193,7 +193,7 @@ def cohyponym_figure(summary: dict) -> Figure:
     right.set_ylim(0, 1.15)
     right.set_ylabel("share of images with both objects drawn")
     note = ("no annotator for this model: n/a" if all(kinds[k]["both_present"] is None for k in labels)
-            else "annotator's verdict (shapes world)")
+            else "the shapes annotator's verdict")
     right.set_title(f"Generation quality\n({note})", fontsize=9)
     figure.suptitle("Co-hyponyms against unrelated pairs (DAAM paper: co-hyponyms overlap more and are drawn "
                     "9 % worse)", fontsize=10)

@@ -1,8 +1,8 @@
 """Classifier-free guidance: what does the difference between the prompted and unprompted prediction do?
 
 Every prompt is generated at every guidance scale from the same starting noise. Per scale: the images,
-the annotator's attribute accuracy (shapes world: colour, shape, size, position of one-object scenes)
-and how concentrated the nouns' word maps are (coverage at tau, lower = tighter; normalised entropy of
+the annotator's accuracy (shapes world: colour, shape, size and position of one-object scenes; both
+objects with the right colour in two-object scenes, where the embedded model is weakest) and how concentrated the nouns' word maps are (coverage at tau, lower = tighter; normalised entropy of
 the map, 1 = spread evenly). Per step: the size of the guidance direction, the prompted minus the
 unprompted model output (RMS over latent channels and pixels, and relative to the unprompted output's
 RMS), and where it acts: its per-pixel L2 norm over channels, averaged over steps, and on the shapes
@@ -80,8 +80,12 @@ class GuidanceStudy(Study):
         from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase
 
         scenes = []
-        for _ in range(n):  # one object, every attribute named, so each can be scored
-            obj = sampler.single(allow_glyphs=False, fill="solid").objects[0]
+        for number in range(n):
+            if number % 2:  # two objects: colour binding, where guidance has something to fix
+                scenes.append(sampler.pair(*(sampler.sample_object(allow_glyphs=False, fill="solid")
+                                             for _ in range(2)), say_position=False))
+                continue
+            obj = sampler.single(allow_glyphs=False, fill="solid").objects[0]  # every attribute named
             caption = noun_phrase(obj, say_size=True, say_color=True, say_fill=True) + " " + \
                 POSITION_PHRASES[obj.position]
             scenes.append(Scene([obj], caption, "single", {"size": True, "color": True, "fill": True,
@@ -90,6 +94,9 @@ class GuidanceStudy(Study):
 
     @contextmanager
     def recording(self, pipe):
+        if getattr(pipe, "unet", None) is None:
+            raise HeadscopeError("the guidance study reads the UNet's output rows; joint-attention transformers "
+                                 "(SD3, Flux) are not supported yet")
         reader = GuidanceDirection(pipe)
         handle = pipe.unet.register_forward_hook(reader, with_kwargs=True)
         try:
@@ -110,8 +117,13 @@ class GuidanceStudy(Study):
             from headscope.shapes.annotate import score_scene
 
             scored = score_scene(sample.scene, sample.objects)
-            record["attributes"] = {name: scored.get(name) for name in ATTRIBUTES if scored.get(name) is not None}
-            record["accuracy"] = mean(record["attributes"].values())
+            if sample.scene.kind == "pair":
+                record["attributes"] = {"both_present": scored["both_present"], "both_correct": scored["both_correct"]}
+                record["accuracy"] = float(scored["both_correct"])
+            else:
+                record["attributes"] = {name: scored.get(name) for name in ATTRIBUTES if scored.get(name) is not None}
+                record["accuracy"] = mean(record["attributes"].values())
+            record["kind"] = sample.scene.kind
             objects_mask = _scene_mask(sample)
         reader = sample.batch
         arrays = {}
@@ -138,8 +150,10 @@ class GuidanceStudy(Study):
         table, curves = [], {}
         for scale in self.scales:
             group = by_scale.get(scale, [])
-            row = {"scale": scale, "n": len(group), "accuracy": mean(r["accuracy"] for r in group)}
-            for name in ATTRIBUTES:
+            row = {"scale": scale, "n": len(group), "accuracy": mean(r["accuracy"] for r in group),
+                   "one_object": mean(r["accuracy"] for r in group if r.get("kind") == "single"),
+                   "two_objects": mean(r["accuracy"] for r in group if r.get("kind") == "pair")}
+            for name in ATTRIBUTES + ("both_present",):
                 row[name] = mean((r["attributes"] or {}).get(name) for r in group)
             row.update(noun_coverage=mean(r["noun_coverage"] for r in group),
                        noun_entropy=mean(r["noun_entropy"] for r in group),
@@ -163,10 +177,11 @@ class GuidanceStudy(Study):
         return files
 
     def headline(self, summary: dict) -> list[str]:
-        lines = [f"{'scale':>6}{'n':>5}{'accuracy':>10}{'noun cover':>12}{'dir RMS':>9}{'dir / uncond':>14}"
-                 f"{'on objects':>12}"]
+        lines = [f"{'scale':>6}{'n':>5}{'1 object':>10}{'2 objects':>10}{'noun cover':>12}{'dir RMS':>9}"
+                 f"{'dir / uncond':>14}{'on objects':>12}"]
         for row in summary["table"]:
-            lines.append(f"{row['scale']:>6g}{row['n']:>5}{_fmt(row['accuracy']):>10}{_fmt(row['noun_coverage']):>12}"
+            lines.append(f"{row['scale']:>6g}{row['n']:>5}{_fmt(row['one_object']):>10}{_fmt(row['two_objects']):>10}"
+                         f"{_fmt(row['noun_coverage']):>12}"
                          f"{_fmt(row['direction_rms']):>9}{_fmt(row['direction_relative']):>14}"
                          f"{_fmt(row['direction_on_objects']):>12}")
         return lines

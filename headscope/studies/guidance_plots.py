@@ -20,12 +20,17 @@ def summary_figure(summary: dict) -> Figure:
     figure = Figure(figsize=(11.0, 7.6), layout="constrained")
     (accuracy, concentration), (size, where) = figure.subplots(2, 2)
 
-    for name, marker in (("accuracy", "o"), ("color", "s"), ("shape", "^"), ("size", "v"), ("position", "D")):
-        values = [row[name] for row in table]
+    lines = (("one_object", "o", "one object: colour, shape, size, position (mean)"),
+             ("color", "s", "one object: colour"), ("shape", "^", "one object: shape"),
+             ("position", "D", "one object: position"),
+             ("two_objects", "P", "two objects: both drawn with the right colour"),
+             ("both_present", "X", "two objects: both drawn"))
+    for name, marker, label in lines:
+        values = [row.get(name) for row in table]
         if any(value is not None for value in values):
-            accuracy.plot(scales, [np.nan if v is None else v for v in values], marker=marker,
-                          linewidth=2.2 if name == "accuracy" else 1.0,
-                          label="all four attributes" if name == "accuracy" else name)
+            accuracy.plot(scales, [np.nan if v is None else v for v in values], marker=marker, label=label,
+                          linewidth=2.2 if name in ("one_object", "two_objects") else 1.0,
+                          linestyle="--" if name.startswith(("two", "both")) else "-")
     if not accuracy.lines:
         accuracy.text(0.5, 0.5, "no annotator for this model\n(attribute accuracy needs the shapes world)",
                       ha="center", va="center", transform=accuracy.transAxes, fontsize=9)

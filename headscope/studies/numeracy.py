@@ -149,9 +149,11 @@ def numeracy_figure(summary: dict) -> Figure:
     bars(left, labels, [row["noun_coverage"] for row in rows], color=OTHER_COLOR, width=0.38, offset=0.2,
          label="its noun's map")
     left.axhspan(0.16, 0.19, color="#dddddd", zorder=0, label="DAAM paper: numerals and determiners")
-    left.set_ylim(0, max([0.5] + [(row["noun_coverage"] or 0) * 1.3 for row in rows]))
+    tallest = max([0.4] + [(row["coverage"] or 0) + (row["coverage_stderr"] or 0) for row in rows]
+                  + [row["noun_coverage"] or 0 for row in rows])
+    left.set_ylim(0, min(1.3, tallest * 1.35))
     left.set_ylabel("share of the image covered (map >= tau)")
-    left.legend(fontsize=7, loc="upper left")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     left.set_title("Map coverage of numerals", fontsize=9)
     bars(right, labels, [row["count_accuracy"] for row in rows], counts=[row["n"] for row in rows], width=0.5)
     right.set_ylim(0, 1.15)

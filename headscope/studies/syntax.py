@@ -124,7 +124,7 @@ def syntax_figure(summary: dict) -> Figure:
     axes.invert_yaxis()
     axes.set_xlim(0, 1.0)
     axes.set_xlabel("share (maps thresholded at tau)")
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     axes.set_title("Dependency pairs: does the head's map enclose the dependent's?\n"
                    "(DAAM paper: for some relations the head encloses the dependent, e.g. a verb its subject)",
                    fontsize=9)

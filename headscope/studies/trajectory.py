@@ -67,7 +67,7 @@ def record_trajectory(pipe, prompt: str, *, words, seed: int = 0, steps: int = 2
     the rapid estimate from every step. Decodes at most `frames` evenly spaced steps (always the last)."""
     import headscope
 
-    _check_scheduler(pipe.scheduler, rapid_steps)
+    _check_pipeline(pipe, rapid_steps)
     capture = _StepCapture(pipe)
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad(), capture, headscope.trace(pipe, keep_steps=True) as tc:
@@ -199,6 +199,13 @@ def _x0_and_noise(prediction_type: str, output: torch.Tensor, latent: torch.Tens
     if prediction_type == "sample":
         return output, (latent - root_alpha * output) / max(root_beta, 1e-8)
     raise HeadscopeError(f"unknown prediction type {prediction_type!r}; use epsilon, v_prediction or sample")
+
+
+def _check_pipeline(pipe, rapid_steps: int) -> None:
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise HeadscopeError("a trajectory needs a UNet pipeline with a VAE (SD 1.x / 2.x / XL); joint-attention "
+                             "transformers (SD3, Flux) are not supported yet")
+    _check_scheduler(pipe.scheduler, rapid_steps)
 
 
 def _check_scheduler(scheduler, rapid_steps: int) -> None:
