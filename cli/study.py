@@ -121,17 +121,18 @@ def cohyponyms_cmd(pairs, unrelated, **options):
     from headscope.studies.cohyponyms import (REAL_COHYPONYMS, SHAPES_COHYPONYMS, SHAPES_UNRELATED,
                                               CohyponymStudy, crossed)
 
-    shapes_world = is_shapes_model(options["model"]) and options["prompts_file"] is None
+    shapes_model, from_file = is_shapes_model(options["model"]), options["prompts_file"] is not None
     if pairs is None:
-        pairs = SHAPES_COHYPONYMS if shapes_world else REAL_COHYPONYMS
-        unrelated = unrelated or (SHAPES_UNRELATED if shapes_world else None)
-    if unrelated is None and options["prompts_file"] is None:
+        pairs = SHAPES_COHYPONYMS if shapes_model else REAL_COHYPONYMS
+        if shapes_model and unrelated is None and not from_file:
+            unrelated = SHAPES_UNRELATED
+    if unrelated is None and not from_file:  # from a file, any two other nouns of a prompt are the control
         unrelated = crossed(pairs)
     if unrelated is not None and not unrelated:
         raise HeadscopeError("one co-hyponym pair has no unrelated control; give two pairs or --unrelated A:B")
     cohyponym_study = CohyponymStudy(pairs, unrelated)
     prompts = None
-    if not shapes_world and options["prompts_file"] is None:
+    if not shapes_model and not from_file:
         prompts = [f"a {a} and a {b}" for kind in (pairs, unrelated) for a, b in kind]
     run_study(cohyponym_study, default_prompts=prompts, **options)
 

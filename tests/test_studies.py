@@ -123,6 +123,18 @@ def test_a_study_runs_on_any_model_from_a_prompt_file(tiny_sd_folder, tmp_path):
     assert {"DET", "ADJ", "NOUN", "CCONJ", "PUNCT", "NUM", "ADP"} <= set(table) and table["DET"]["n"] == 3
 
 
+def test_cohyponyms_on_any_model_compare_listed_pairs_against_their_words_crossed(tiny_sd_folder, tmp_path):
+    out = tmp_path / "co"
+    result = invoke("study", "cohyponyms", "--model", tiny_sd_folder, "--pairs", "dog:cat,circle:square", "--steps", 1,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "cohyponyms.json").read_text())
+    assert [r["prompt"] for r in payload["records"]] == ["a dog and a cat", "a circle and a square",
+                                                         "a dog and a square", "a circle and a cat"]
+    kinds = payload["summary"]["kinds"]
+    assert kinds["cohyponym"]["n"] == kinds["unrelated"]["n"] == 2 and kinds["cohyponym"]["both_present"] is None
+
+
 def test_guidance_direction_is_read_only_where_guidance_runs(tiny_sd, tmp_path):
     from headscope.studies.guidance import GuidanceStudy
 
