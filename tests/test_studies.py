@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from headscope import HeadscopeError
 from headscope.language import parse
 from headscope.studies.pos import PosStudy
-from headscope.studies.runner import StudyRunner, coverage, overlap
+from headscope.studies.runner import Study, StudyRunner, coverage, overlap
 from headscope_cli.main import cli
 
 STUDIES = {"pos": [], "syntax": [], "cohyponyms": [], "adjectives": [], "numeracy": [],
@@ -258,17 +258,30 @@ def test_generate_trajectory_writes_figure_gif_table_and_report(tiny_sd_folder, 
     assert "--trajectory --at 0.5,1 --rapid --rapid-steps 2 --word dogs" in (out / "command.txt").read_text()
 
 
+class Brightness(Study):
+    """A study without spaCy, so that the worker processes stay cheap: each image's mean pixel value."""
+
+    name, uses_spacy = "brightness", False
+
+    def measure(self, sample):
+        return {"brightness": float(np.asarray(sample.image).mean())}, {}
+
+    def summarize(self, records):
+        return {"table": []}
+
+
 WORKER = """
 import json, sys
 from pathlib import Path
-from headscope.studies.pos import PosStudy
+sys.path.insert(0, {tests!r})
 from headscope.studies.runner import StudyRunner
 from headscope.testing import build_tiny_sd
+from test_studies import Brightness
 folder = Path(sys.argv[1])
 pipe = build_tiny_sd(folder / ("pipe-" + sys.argv[2]))
-ran, original = [], PosStudy.measure
-PosStudy.measure = lambda self, sample: (ran.append(sample.job.key), original(self, sample))[1]
-runner = StudyRunner(PosStudy(), steps=1, batch_size=1, partial=folder / "partial").fit(pipe, {prompts!r})
+ran, original = [], Brightness.measure
+Brightness.measure = lambda self, sample: (ran.append(sample.job.key), original(self, sample))[1]
+runner = StudyRunner(Brightness(), steps=1, batch_size=1, partial=folder / "partial").fit(pipe, {prompts!r})
 (folder / ("result-" + sys.argv[2] + ".json")).write_text(json.dumps({{"ran": ran, "records": runner.records_}}))
 """
 
@@ -277,13 +290,13 @@ def test_two_processes_split_the_prompts_and_both_end_with_every_record(tiny_sd,
     from test_hrv import run_two_workers
 
     prompts = ["a red dog", "a blue cat", "a green bird", "a small tree"]
-    single = StudyRunner(PosStudy(), steps=1, batch_size=1).fit(tiny_sd, prompts)
+    single = StudyRunner(Brightness(), steps=1, batch_size=1).fit(tiny_sd, prompts)
     for attempt in range(3):  # a free port can be taken between probing and gloo's bind
-        outputs = run_two_workers(WORKER.format(prompts=prompts), tmp_path)
+        outputs = run_two_workers(WORKER.format(prompts=prompts, tests=str(Path(__file__).parent)), tmp_path)
         if all(code == 0 for code, _ in outputs):
             break
     assert all(code == 0 for code, _ in outputs), outputs
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     assert [result["ran"] for result in results] == [["p00000", "p00001"], ["p00002", "p00003"]]
     for result in results:
-        assert [r["words"] for r in result["records"]] == [r["words"] for r in single.records_]
+        assert [r["brightness"] for r in result["records"]] == [r["brightness"] for r in single.records_]
