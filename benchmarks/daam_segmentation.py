@@ -32,7 +32,7 @@ other half) and "records". New: "splits", "methods", "image_maps", "goals"; and 
 (--figure, default daam_methods.png next to --out): image | each method's map | ground truth.
 
 Usage:
-  python benchmarks/daam_segmentation.py                 # embedded model (about 10 minutes on 2 cores)
+  python benchmarks/daam_segmentation.py                 # embedded model (11 minutes on the shared 2 cores)
   python benchmarks/daam_segmentation.py --tiny          # smoke run on a tiny random pipeline
 """
 from __future__ import annotations
