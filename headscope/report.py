@@ -39,7 +39,7 @@ td.text { text-align: left; }
           font-size: 0.75em; text-align: center; width: 112px; overflow-wrap: anywhere; }
 .thumbs img { width: 104px; height: 104px; object-fit: contain; image-rendering: pixelated;
               border: 1px solid #eee; background: #fafafa; display: block; margin: 0 auto 2px; }
-.note { color: #666; font-size: 0.85em; }
+.note { color: #666; font-size: 0.85em; } .wide { overflow-x: auto; max-width: 100%; }
 """
 SCRIPT = """
 window.addEventListener("error", function (event) {
@@ -71,6 +71,7 @@ def write_report(folder, *, files=None, title: str | None = None) -> Path:
                 and isinstance(payload.get("figures"), dict) for name, text in payload["figures"].items()}
     body = [f"<h1>{_text(title)}</h1>", _command(folder, files, payloads)]
     figures = [name for name in files if name.lower().endswith(IMAGE_SUFFIXES) and "/" not in name]
+    figures.sort(key=lambda name: list(captions).index(name) if name in captions else len(captions))  # study's order
     thumbnails = [name for name in files if name.lower().endswith(IMAGE_SUFFIXES) and "/" in name]
     if figures:
         body.append("<h2>Figures</h2>")
@@ -149,8 +150,8 @@ def _csv_table(path: Path, name: str) -> str:
     lines = ["".join(f'<td class="{"" if _numeric(cell) else "text"}">{_text(_short(cell))}</td>' for cell in row)
              for row in shown]
     more = f'<p class="note">first {MAX_ROWS} of {len(data)} rows; all in the file</p>' if len(data) > MAX_ROWS else ""
-    return (f'<table><caption><a href="{_href(name)}">{_text(name)}</a></caption><tr>{cells}</tr>' +
-            "".join(f"<tr>{line}</tr>" for line in lines) + "</table>" + more)
+    return (f'<div class="wide"><table><caption><a href="{_href(name)}">{_text(name)}</a></caption><tr>{cells}</tr>' +
+            "".join(f"<tr>{line}</tr>" for line in lines) + "</table></div>" + more)
 
 
 def _thumbnails(names: list[str]) -> str:
