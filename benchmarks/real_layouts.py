@@ -57,6 +57,7 @@ from headscope.errors import HeadscopeError
 from headscope.joint import MAP_BUDGET_BYTES
 from headscope.models import configs
 from headscope.processor import HeadProcessor, Hook, Hooks, attention_probs
+from headscope.testing_real import build_real_size
 
 PROMPT = "a photo of a red fox next to a blue car"
 MMAP_THRESHOLD = "131072"  # bytes; larger tensors are mmapped and go back to the OS when freed
@@ -113,7 +114,7 @@ def run_child(name: str, args) -> dict:
 def measure_one(name: str, args) -> dict:
     family, guidance, size, _, kept = MODELS[name]
     started = time.perf_counter()
-    pipe = build(name)
+    pipe = build_real_size(MODELS[name][3])
     built = time.perf_counter() - started
     index = HeadIndex.from_model(pipe)
     call = Call(pipe, guidance, size, family)
@@ -321,114 +322,6 @@ def full_matrix_recording(pipe, store: dict):
         handle.remove()
         for name, module in modules.items():
             module.set_processor(saved[name])
-
-
-# -- real-size pipelines with stand-in text encoders ------------------------------------------
-
-def build(name: str):
-    """The pipeline of `name`: its real denoiser config (or first blocks), random weights, fp32, eval mode."""
-    from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from headscope.backbones import model_class_for_config
-
-    config = MODELS[name][3]
-    with torch.device("meta"):  # no slow initialisation of billions of weights: `materialize` fills them
-        model = model_class_for_config(config).from_config(dict(config))
-    materialize(model)
-    torch.manual_seed(0)
-    tokenizer = clip_tokenizer(Path(tempfile.mkdtemp(prefix="real-layouts-")))
-    clip_l = clip_config(tokenizer, 768)
-    clip_g = clip_config(tokenizer, 1280)
-    if name == "sd1.5":
-        pipe = StableDiffusionPipeline(vae=tiny_vae(4), text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer,
-                                       unet=model, scheduler=DDIMScheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    elif name == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=tiny_vae(4), text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer,
-                                         text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=tokenizer,
-                                         unet=model, scheduler=DDIMScheduler())
-    elif name == "sd3-medium":
-        pipe = StableDiffusion3Pipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                        vae=tiny_vae(16), text_encoder=CLIPTextModelWithProjection(clip_l),
-                                        tokenizer=tokenizer, text_encoder_2=CLIPTextModelWithProjection(clip_g),
-                                        tokenizer_2=tokenizer, text_encoder_3=t5_stand_in(), tokenizer_3=t5_tokenizer())
-    else:
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(16),
-                            text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer, text_encoder_2=t5_stand_in(),
-                            tokenizer_2=t5_tokenizer(), transformer=model)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def materialize(model, seed: int = 0) -> None:
-    """Give a model built on `meta` CPU storage: matrices and kernels get one random block tiled, scaled by
-    1/sqrt(fan_in) (activations stay of order 1, no denormals); norm weights 1; biases and buffers 0."""
-    noise = torch.randn(1 << 22, generator=torch.Generator().manual_seed(seed))
-    for module in model.modules():
-        for name, parameter in list(module._parameters.items()):
-            if parameter is None or parameter.device.type != "meta":
-                continue
-            if parameter.ndim == 1:
-                values = torch.ones(parameter.shape) if name == "weight" else torch.zeros(parameter.shape)
-            else:
-                flat = torch.empty(parameter.numel())
-                for start in range(0, flat.numel(), noise.numel()):
-                    flat[start:start + noise.numel()] = noise[:flat.numel() - start]
-                values = flat.view(parameter.shape) * (parameter[0].numel() ** -0.5)
-            module._parameters[name] = torch.nn.Parameter(values, requires_grad=False)
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device.type == "meta":
-                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
-
-
-def clip_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    from headscope.testing import write_tokenizer_files
-
-    write_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-
-
-def clip_config(tokenizer, width: int):
-    """A one-layer CLIP text encoder of the real width (and projection) and 77 positions."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=width // 64, max_position_embeddings=77,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, projection_dim=width)
-
-
-def t5_tokenizer():
-    from headscope.testing_joint import build_t5_tokenizer
-
-    return build_t5_tokenizer()
-
-
-def t5_stand_in():
-    """A one-layer T5 encoder with T5-XXL's output width (4096)."""
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = t5_tokenizer()
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
-                                   num_heads=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
-
-
-def tiny_vae(latent_channels: int):
-    """An AutoencoderKL with four levels (scale factor 8, as the real ones) that is never run (latents out)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-                         shift_factor=0.0)
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -86,3 +86,14 @@ def test_an_unknown_model_family_is_one_line_naming_the_supported_ones():
         assert family in message
     with pytest.raises(HeadscopeError, match="supported: UNet2DConditionModel"):
         HeadIndex.from_config({"_class_name": "HunyuanDiT2DModel"})
+
+
+def test_real_size_stand_in_pipelines_build_quickly_and_trace():
+    import headscope
+    from headscope.testing_real import build_real_size
+
+    pipe = build_real_size({**FLUX_DEV_TRANSFORMER_CONFIG, "num_layers": 1, "num_single_layers": 1})
+    with headscope.trace(pipe) as tc:
+        pipe("a red dog", num_inference_steps=1, height=32, width=48, max_sequence_length=8, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    assert tc.index.n_heads == 48 and tc.word_map("dog").shape == (32, 48)
