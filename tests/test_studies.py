@@ -1,5 +1,6 @@
 """The studies (headscope.studies, `headscope study ...`, `generate --trajectory`) on tiny random pipelines."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,7 @@ def test_two_processes_split_the_prompts_and_both_end_with_every_record(tiny_sd,
     prompts = ["a red dog", "a blue cat", "a green bird", "a small tree"]
     single = StudyRunner(Brightness(), steps=1, batch_size=1).fit(tiny_sd, prompts)
     for attempt in range(3):  # a free port can be taken between probing and gloo's bind
+        shutil.rmtree(tmp_path / "partial", ignore_errors=True)  # a failed attempt may have finished some prompts
         outputs = run_two_workers(WORKER.format(prompts=prompts, tests=str(Path(__file__).parent)), tmp_path)
         if all(code == 0 for code, _ in outputs):
             break
