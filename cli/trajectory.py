@@ -10,6 +10,7 @@ import sys
 import click
 
 from headscope.errors import HeadscopeError
+from headscope_cli.maps import META as MAP_META
 
 META = "headscope.option_values"  # ctx.meta key (cli/study.py OPTION_VALUES): the trajectory-only options,
 # so that `generate` takes one more argument, not five, and command.txt can still name them
@@ -71,9 +72,11 @@ def run_trajectory(prompt, trajectory: bool, *, with_daam, steer, model, seed, s
         return False
     if given.get("rapid_steps") and not given.get("rapid"):
         raise HeadscopeError("--rapid-steps needs --rapid")
-    if num_images != 1 or window is not None or with_daam or any(value for value in steer.values()):
+    map_options = [name for name, value in click.get_current_context().meta.get(MAP_META, {}).items()
+                   if value is not None]
+    if num_images != 1 or window is not None or with_daam or map_options or any(value for value in steer.values()):
         raise HeadscopeError("--trajectory follows one image without steering: leave out --num-images, --window, "
-                             "--daam and the steering options")
+                             "--daam, the map options (--method, --concept, --top-k) and the steering options")
     from headscope.steer import max_length
     from headscope.studies.trajectory import DEFAULT_AT, DEFAULT_RAPID_STEPS, record_trajectory, steps_at
     from headscope.tokens import tokenize

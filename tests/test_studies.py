@@ -198,6 +198,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(shapes_folder, tm
     assert_one_line_error(invoke("generate", "two circles", "--model", shapes_folder, "--trajectory", "--at", "1.5",
                                  "--out", out), "out of range", out)
     assert_one_line_error(invoke("generate", "two circles", "--at", "0.5", "--out", out), "--trajectory", out)
+    assert_one_line_error(invoke("generate", "two circles", "--model", shapes_folder, "--trajectory", "--method",
+                                 "selective", "--out", out), "the map options", out)
 
     from headscope import language
 
