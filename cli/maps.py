@@ -2,6 +2,7 @@
 
     --method daam|selective|weighted  which heads a word map sums (`headscope.maps.select`)
     --concept C, --top-k K            the HRV concept (default: looked up from each word) and k of selective
+    --heads 3,29,34                   sum only these flat head ids (method daam), e.g. heads chosen on data
     --image FILE [--strength S] [--samples N]   (daam only) maps of FILE, not of a generated image
 
 Everything is checked against the loaded pipeline before the model runs: the HRV, the concept of
@@ -26,6 +27,17 @@ def _remember(ctx, param, value):
     return value
 
 
+def _remember_heads(ctx, param, value):
+    if value is not None:
+        try:
+            value = sorted({int(part) for part in value.split(",") if part.strip()})
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give flat head ids separated by commas, e.g. 3,29,34") from None
+        if not value or min(value) < 0:
+            raise click.BadParameter("give one or more flat head ids >= 0, e.g. 3,29,34")
+    return _remember(ctx, param, value)
+
+
 def map_options(*, hrv: bool):
     """Decorator adding --method, --concept, --top-k (and --hrv where the command has no --hrv of its own).
 
@@ -42,6 +54,9 @@ def map_options(*, hrv: bool):
                               "each mapped word)."),
             click.option("--top-k", "top_k", default=None, type=click.IntRange(min=1), expose_value=False,
                          callback=_remember, help="Selective maps: sum the K most relevant heads."),
+            click.option("--heads", default=None, expose_value=False, callback=_remember_heads,
+                         help="Sum only these flat head ids, comma-separated (method daam), e.g. --heads 3,29,34,35; "
+                              "`headscope heads` lists them."),
         ]
         if hrv:
             options.append(click.option("--hrv", "hrv_file", default=None, type=click.Path(dir_okay=True),
@@ -77,9 +92,9 @@ def from_context(*, words, steer, guidance, num_images, negative_prompt):
     """
     given = dict(click.get_current_context().meta.get(META, {}))
     spec = MapSpec(method=given.get("method") or "daam", concept=given.get("concept"), top_k=given.get("top_k"),
-                   hrv_file=given.get("hrv_file"))
-    if words is None and (given.get("method") or spec.concept or spec.top_k):
-        raise HeadscopeError("--method, --concept and --top-k choose how word maps are drawn; add --daam")
+                   hrv_file=given.get("hrv_file"), heads=given.get("heads"))
+    if words is None and (given.get("method") or spec.concept or spec.top_k or spec.heads):
+        raise HeadscopeError("--method, --concept, --top-k and --heads choose how word maps are drawn; add --daam")
     if steer and spec.method != "daam" and steer.get("hrv_file"):
         spec.hrv_file = steer["hrv_file"]
         steering_needs_hrv = bool(steer["strengthen"] or steer["adjust"]) or steer["neglect"] in ("ae-hrv", "heads")
@@ -98,6 +113,7 @@ class MapSpec:
     concept: str | None = None
     top_k: int | None = None
     hrv_file: str | None = None
+    heads: list[int] | None = None
     hrv: object = None
 
     def check(self, pipe, words) -> None:
@@ -108,7 +124,15 @@ class MapSpec:
             for option, value in (("--concept", self.concept), ("--top-k", self.top_k), ("--hrv", self.hrv_file)):
                 if value is not None:
                     raise HeadscopeError(f"{option} is only used with --method selective or weighted")
+            if self.heads is not None:
+                from headscope.heads import HeadIndex
+
+                n_heads = HeadIndex.from_model(pipe).n_heads
+                if max(self.heads) >= n_heads:
+                    raise HeadscopeError(f"--heads {max(self.heads)} is out of range: this model has heads 0..{n_heads - 1}")
             return
+        if self.heads is not None:
+            raise HeadscopeError("--heads chooses the heads itself; use it with --method daam")
         if self.top_k is not None and self.method != "selective":
             raise HeadscopeError("--top-k is only used with --method selective")
         from headscope.steer import resolve_hrv
@@ -126,12 +150,12 @@ class MapSpec:
     def options(self) -> dict:
         """Keyword arguments of `tc.word_map` / `tc.head_maps`."""
         if self.method == "daam":
-            return {}
+            return {} if self.heads is None else {"heads": self.heads}
         return {"method": self.method, "hrv": self.hrv, "concept": self.concept, "k": self.top_k}
 
     @property
     def summary(self) -> dict:
-        return {"method": self.method, "concept": self.concept, "top_k": self.top_k,
+        return {"method": self.method, "concept": self.concept, "top_k": self.top_k, "heads": self.heads,
                 "hrv": None if self.method == "daam" else self.hrv_file or "model default"}
 
 

@@ -43,11 +43,18 @@ def test_daam_with_a_selective_method_writes_its_maps_and_says_how_they_were_mad
                     *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads((selective / "summary.json").read_text())
-    assert summary["maps"] == {"method": "selective", "concept": None, "top_k": 3, "hrv": "model default"}
+    assert summary["maps"] == {"method": "selective", "concept": None, "top_k": 3, "heads": None, "hrv": "model default"}
     assert {"maps/word-circle.png", "maps/heads-circle.png"} <= set(summary["files"])
     daam_summary = json.loads((plain / "summary.json").read_text())
     assert daam_summary["maps"]["method"] == "daam"
     assert summary["words"]["circle"][0]["max"] < daam_summary["words"]["circle"][0]["max"]  # 3 heads of 40
+
+
+def test_daam_of_chosen_heads_sums_those_heads_only(tmp_path):
+    out = tmp_path / "heads"
+    result = invoke("daam", PROMPT, "--word", "circle", "--heads", "29,3,34", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["maps"]["heads"] == [3, 29, 34]
 
 
 def test_generate_daam_takes_the_method_and_a_concept(tmp_path):
@@ -118,6 +125,9 @@ def test_unreadable_and_wrongly_shaped_images_are_one_line_errors(tmp_path):
     (["daam", PROMPT], ["--method", "selective"], "'a' is in none of this HRV's concepts"),
     (["daam", PROMPT], ["--method", "selective", "--concept", "texture"], "unknown concept 'texture'"),
     (["generate", PROMPT], ["--method", "selective"], "add --daam"),
+    (["daam", PROMPT], ["--heads", "3,x"], "give flat head ids separated by commas"),
+    (["daam", PROMPT], ["--heads", "3,40"], "--heads 40 is out of range: this model has heads 0..39"),
+    (["daam", PROMPT], ["--heads", "3", "--method", "weighted"], "use it with --method daam"),
 ])
 def test_bad_map_options_are_one_line_errors(tmp_path, command, options, expected):
     out = tmp_path / "out"

@@ -78,3 +78,10 @@ def test_head_maps_carry_the_methods_weights(traced):
     kept = torch.zeros(tc.index.n_heads, dtype=torch.bool)
     kept[hrv.top_heads("shape", 4)] = True
     assert torch.equal(selective[kept], plain[kept]) and not selective[~kept].any()
+
+
+def test_head_maps_of_chosen_heads_keep_those_heads_only(traced):
+    tc, _ = traced
+    chosen = tc.head_maps("red", heads=[2, 7])
+    plain = tc.head_maps("red")
+    assert torch.equal(chosen[[2, 7]], plain[[2, 7]]) and chosen.abs().sum() == chosen[[2, 7]].abs().sum()

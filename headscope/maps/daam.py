@@ -159,7 +159,7 @@ def token_maps(trace, *, layers=None, heads=None, steps=None, image: int = 0, ro
 
 def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int = 0, rows: str = "cond",
               size: tuple[int, int] | None = None, upsample: str = "bicubic", method: str = "daam",
-              weights=None, hrv=None, concept: str | None = None, k: int | None = None,
+              heads=None, weights=None, hrv=None, concept: str | None = None, k: int | None = None,
               min_relevance: float | None = None, encoder: str | None = None) -> torch.Tensor:
     """Per-head maps of `word`: [n_heads, h, w] in flat-id order.
 
@@ -167,7 +167,7 @@ def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int =
     (values in [0, 1]) at its layer's native resolution, upsampled to a common size: `size`, by
     default the latent size (the finest layer resolution), so no layer is downsampled. With a
     method other than "daam" or with `weights`, each head's map is multiplied by its weight (0 for
-    the heads a selective map leaves out), as `word_map` sums them.
+    the heads a selective map leaves out), as `word_map` sums them; with `heads`, the other heads' maps are 0.
     """
     _check_mode(upsample)
     positions = trace.tokenization(image, rows, encoder).positions(word, occurrence)
@@ -177,7 +177,13 @@ def head_maps(trace, word: str, *, occurrence: int = 0, steps=None, image: int =
                  for layer in trace.index.layers]
     maps = torch.cat(per_layer)
     head_weights = select.head_weights(trace, word, method=method, hrv=hrv, concept=concept, k=k,
-                                       min_relevance=min_relevance, weights=weights)
+                                       min_relevance=min_relevance, weights=weights, heads=heads)
+    if head_weights is None and heads is not None:  # the caller's heads: the other heads' maps are 0
+        ids = [int(head) for head in heads]
+        for head_id in ids:
+            trace.index.unflat(head_id)  # HeadscopeError when out of range
+        head_weights = torch.zeros(maps.shape[0])
+        head_weights[ids] = 1.0
     return maps if head_weights is None else maps * head_weights.to(maps)[:, None, None]
 
 
