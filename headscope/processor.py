@@ -394,4 +394,12 @@ def _hand_out_queries(hooks: list[Hook], ctx: HookContext, query: torch.Tensor) 
         if hook.wants_query(ctx):
             rows = ctx.layout.rows(hook.rows)
             if rows:
-                hook.read_query(replace(ctx, rows=rows), query[list(rows)])
+                hook.read_query(replace(ctx, rows=rows), query[row_index(rows)])
+
+
+def row_index(rows) -> slice | list[int]:
+    """A slice (a view, no copy) when the rows are consecutive, as the conditional rows are; else a list."""
+    rows = list(rows)
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows

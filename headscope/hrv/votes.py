@@ -1,4 +1,13 @@
-"""Concept keys and the vote reader: which concept each head's queries attend to most."""
+"""Concept keys and the vote reader: which concept each head's queries attend to most.
+
+Cost: the reader runs beside every text-conditioned layer call, so each call does only what depends on
+that call's queries. What depends on the step alone (the sampled words, their key positions, the
+padding mask and the per-word averaging matrix) is made once per step for every layer at once, keys
+are scaled once, and the winners stay on the model's device until the step ends (one transfer per
+step, no synchronisation per layer). Per layer call: a gather of the sampled words' keys, one product
+with the queries, softmax, a mean over pixels, the per-word mean (only when a word has several
+tokens), argmax.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,11 +26,12 @@ _WORD_CHUNK = 64
 class ConceptTokens:
     """Every concept word's token embeddings, concatenated, and where each word's tokens lie.
 
-    embeddings: [tokens, dim] text-encoder outputs of the words' own tokens.
-    spans[c][w]: (start, stop) of word w of concept c in `embeddings`.
+    embeddings: [tokens, dim] text-encoder outputs of the words' own tokens (None when a concept
+        stream carries them: joint-attention models, `headscope.stream`).
+    spans[c][w]: (start, stop) of word w of concept c among those tokens.
     """
 
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | None
     spans: list[list[tuple[int, int]]]
 
     @property
@@ -45,15 +55,20 @@ def encode_concepts(pipe, concept_set: ConceptSet) -> ConceptTokens:
             ids = tokenizer(word, add_special_tokens=True).input_ids
             positions = [position for position, token in enumerate(ids) if token not in special]
             pieces.append(embeds[row, positions].float().cpu())
-    spans, cursor, piece = [], 0, iter(pieces)
+    return ConceptTokens(embeddings=torch.cat(pieces), spans=word_spans(concept_set, [len(p) for p in pieces]))
+
+
+def word_spans(concept_set: ConceptSet, lengths: list[int]) -> list[list[tuple[int, int]]]:
+    """spans[c][w] of consecutive words (concept-major) of `lengths` tokens each."""
+    spans, cursor, length = [], 0, iter(lengths)
     for concept in concept_set.names:
         concept_spans = []
         for _ in concept_set.concepts[concept]:
-            length = next(piece).shape[0]
-            concept_spans.append((cursor, cursor + length))
-            cursor += length
+            size = next(length)
+            concept_spans.append((cursor, cursor + size))
+            cursor += size
         spans.append(concept_spans)
-    return ConceptTokens(embeddings=torch.cat(pieces), spans=spans)
+    return spans
 
 
 def _encode(pipe, words: list[str]) -> torch.Tensor:
@@ -65,7 +80,7 @@ def _encode(pipe, words: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def project_keys(pipe, index: HeadIndex, embeddings: torch.Tensor) -> dict[int, tuple[torch.Tensor, float]]:
-    """Per layer: (keys [heads, tokens, head_dim] float32, attn.scale), through the layer's own to_k."""
+    """Per layer: (keys [heads, tokens, head_dim] float32, attn.scale), through the layer's own to_k (UNet)."""
     keys = {}
     for layer in index.layers:
         attn = pipe.unet.get_submodule(layer.name)
@@ -84,13 +99,15 @@ def concept_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, positi
                    valid: torch.Tensor) -> torch.Tensor:
     """Mean attention of each head's queries to each sampled concept word: [rows, heads, concepts].
 
-    query: [rows, heads, n_query, head_dim]; keys: [heads, tokens, head_dim]; positions: [rows, concepts,
-    word tokens] into keys (padded), valid: the same shape, False on padding.
+    query: [rows, heads, n_query, head_dim]; keys: [heads, tokens, head_dim], or [rows, heads, tokens,
+    head_dim] when every row has its own (joint attention); positions: [rows, concepts, word tokens]
+    into keys (padded), valid: the same shape, False on padding.
     Softmax over all sampled concept tokens per head and pixel, mean over pixels, mean over a word's tokens.
+    (The reader computes the same with its per-step tables; this is the plain statement.)
     """
     n_rows, n_concepts, length = positions.shape
-    chosen = keys[:, positions.flatten()].unflatten(1, (n_rows, n_concepts * length)).transpose(0, 1)
-    scores = torch.matmul(query.float(), chosen.transpose(-1, -2)) * scale  # [rows, heads, n_query, sampled]
+    chosen = _gather_keys(keys, positions.flatten(1))  # [rows, heads, sampled, head_dim]
+    scores = torch.matmul(query.float(), chosen.float().transpose(-1, -2)) * scale  # [rows, heads, n_query, sampled]
     if not valid.all():  # words of several tokens: padding takes no attention
         scores = scores.masked_fill(~valid.flatten(1)[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).mean(dim=2).unflatten(-1, (n_concepts, length))  # [rows, heads, concepts, length]
@@ -98,7 +115,32 @@ def concept_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, positi
     return (probs * weights[:, None]).sum(dim=-1)
 
 
+def _gather_keys(keys: torch.Tensor, flat_positions: torch.Tensor) -> torch.Tensor:
+    """Keys of the sampled tokens: [rows, heads, sampled, head_dim] from keys [heads, tokens, head_dim] or
+    [rows, heads, tokens, head_dim] and flat_positions [rows, sampled]."""
+    if keys.ndim == 3:
+        if flat_positions.shape[0] == 1:
+            return keys.index_select(1, flat_positions[0])[None]
+        return keys[:, flat_positions].transpose(0, 1)
+    rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+    return keys[rows, :, flat_positions].transpose(1, 2)  # advanced indices first: [rows, sampled, heads, d]
+
+
 # -- the reader ------------------------------------------------------------------------------------
+
+@dataclass
+class _StepTables:
+    """What the sampled words of one step mean for every layer (on the model's device).
+
+    flat: [layers, rows, sampled] key positions of the sampled words' tokens (sampled = concepts x longest word).
+    bias: [layers, rows, 1, sampled, 1] 0 on real tokens, -inf on padding; None when no word is padded.
+    mean: [layers, rows, sampled, concepts] 1/len(word) on a word's tokens; None when every word is one token.
+    """
+
+    flat: torch.Tensor
+    bias: torch.Tensor | None
+    mean: torch.Tensor | None
+
 
 class ConceptVotes(Hook):
     """Reader of the conditional queries: one vote per head and layer call for its most-attended concept.
@@ -107,74 +149,150 @@ class ConceptVotes(Hook):
     added to across pipeline calls. Before each call, `begin(prompt_indices)` names the global prompt
     index of every image of the batch; word sampling then uses one generator per prompt, seeded by
     (seed, prompt index) only.
+
+    Keys: on a UNet every layer's concept keys are fixed (`project_keys`) and the reader scores the
+    layer's queries (`read_query`). On joint-attention models (SD3, Flux) they depend on the block and on
+    the image: build the reader with `keys=None, n_layers=...` and give it to a
+    `headscope.stream.ConceptStream` carrying the concept words, which hands each block's image queries
+    and concept keys to `read_concepts` (scale 1/sqrt(head_dim), as the model's attention).
     """
 
     rows = "cond"
 
-    def __init__(self, tokens: ConceptTokens, keys: dict, n_heads: int, n_steps: int, *, soft: bool = False,
-                 seed: int = 0):
+    def __init__(self, tokens: ConceptTokens, keys: dict | None, n_heads: int, n_steps: int, *, soft: bool = False,
+                 seed: int = 0, n_layers: int | None = None):
         self.tokens, self.keys, self.soft, self.seed = tokens, keys, soft, seed
+        self.n_layers = len(keys) if keys is not None else int(n_layers)
+        self.n_concepts = len(tokens.spans)
+        self.n_heads = n_heads
         self.n_words = torch.tensor(tokens.n_words, dtype=torch.float64)
-        self.step_votes = torch.zeros(n_steps, len(tokens.spans), n_heads,
-                                      dtype=torch.float64 if soft else torch.int64)
-        self.n_layers = len(keys)
+        # Scaling the keys once costs nothing per call; the product is then the logits.
+        self._scaled = None if keys is None else {layer: projected * scale for layer, (projected, scale) in keys.items()}
+        self._votes = torch.zeros(n_steps, self.n_concepts, n_heads, dtype=torch.float64 if soft else torch.int64)
         self._generators: list[torch.Generator] = []
         self._drawn_for: tuple[int, int] | None = None
         self._positions, self._valid = _word_table(tokens)
-        self._concepts = torch.arange(len(tokens.spans))
+        self._concepts = torch.arange(self.n_concepts)
+        self._tables: _StepTables | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None  # (step, winners or summed scores) not yet counted
+
+    @property
+    def step_votes(self) -> torch.Tensor:
+        """[steps, concepts, heads] votes so far (the step being voted is counted first)."""
+        self._flush()
+        return self._votes
 
     def begin(self, prompt_indices) -> None:
+        self._flush()
         self._generators = [torch.Generator().manual_seed(prompt_seed(self.seed, index, "words"))
                             for index in prompt_indices]
         self._drawn_for = None
 
-    def wants_query(self, ctx: HookContext) -> bool:
-        return True
-
-    def _choices(self, ctx: HookContext) -> torch.Tensor:
-        """The word sampled for each concept at this layer call, per row: [rows, concepts] long.
-
-        At a step's first layer call each prompt's generator draws one value per (layer, row of the
-        prompt, concept), layer-major, which is the order of one draw per concept at every layer call.
-        """
-        if self._drawn_for != (ctx.call, ctx.step):
-            self._drawn_for = (ctx.call, ctx.step)
-            prompts = [ctx.layout.prompt_index(ctx.layout.image(row)) for row in ctx.rows]
-            per_prompt = {prompt: prompts.count(prompt) for prompt in dict.fromkeys(prompts)}
-            draws = {prompt: torch.rand(self.n_layers, count, len(self.tokens.spans), generator=self._generators[prompt],
-                                        dtype=torch.float64) for prompt, count in per_prompt.items()}
-            seen = dict.fromkeys(per_prompt, 0)
-            rows = []
-            for prompt in prompts:
-                rows.append(draws[prompt][:, seen[prompt]])  # [layers, concepts]
-                seen[prompt] += 1
-            self._draws = torch.stack(rows, dim=1)  # [layers, rows, concepts]
-        draws = self._draws[ctx.layer.index]
-        return (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
-
     def grow(self, n_steps: int) -> None:
         """Make room for `n_steps` UNet forwards per call (some schedulers run more than one per step)."""
-        missing = n_steps - self.step_votes.shape[0]
+        missing = n_steps - self._votes.shape[0]
         if missing > 0:
-            extra = self.step_votes.new_zeros(missing, *self.step_votes.shape[1:])
-            self.step_votes = torch.cat([self.step_votes, extra])
+            self._votes = torch.cat([self._votes, self._votes.new_zeros(missing, *self._votes.shape[1:])])
+
+    def wants_query(self, ctx: HookContext) -> bool:
+        return self.keys is not None
 
     @torch.no_grad()
     def read_query(self, ctx: HookContext, query: torch.Tensor) -> None:
-        """query: [cond rows, heads, n_query, head_dim] of one layer call."""
-        self.grow(ctx.step + 1)
-        keys, scale = self.keys[ctx.layer.index]
-        choices = self._choices(ctx)  # [rows, concepts]
-        positions = self._positions[self._concepts, choices]  # [rows, concepts, longest word]
-        valid = self._valid[self._concepts, choices]
-        scores = concept_scores(query.to(keys.device), keys, scale, positions.to(keys.device),
-                                valid.to(keys.device)).cpu()  # [rows, heads, concepts]
+        """query: [cond rows, heads, n_query, head_dim] of one cross-attention layer call."""
+        tables = self._step_tables(ctx, query.device)
+        layer = ctx.layer.index
+        chosen = _gather_keys(self._scaled[layer], tables.flat[layer])  # [rows, heads, sampled, head_dim]
+        self._record(ctx, self._score(query, chosen, tables, layer))
+
+    @torch.no_grad()
+    def read_concepts(self, ctx: HookContext, block) -> None:
+        """A joint block's image queries [rows, heads, L_img, head_dim] x its concept keys [rows, heads,
+        tokens, head_dim] (`headscope.stream.ConceptBlock`)."""
+        query = block.image_query
+        tables = self._step_tables(ctx, query.device)
+        layer = ctx.layer.index
+        chosen = _gather_keys(block.concept_key, tables.flat[layer]).float() * query.shape[-1] ** -0.5
+        self._record(ctx, self._score(query, chosen, tables, layer))
+
+    def _score(self, query, chosen, tables: _StepTables, layer: int) -> torch.Tensor:
+        """[rows, heads, concepts]: softmax over the sampled tokens, mean over pixels, mean over a word's tokens."""
+        # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
+        # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
+        logits = torch.matmul(chosen, query.float().transpose(-1, -2))  # [rows, heads, sampled, n_query]
+        if tables.bias is not None:
+            logits = logits + tables.bias[layer]
+        probs = logits.softmax(dim=-2).mean(dim=-1)  # [rows, heads, sampled]
+        return probs if tables.mean is None else torch.matmul(probs, tables.mean[layer])
+
+    def _record(self, ctx: HookContext, scores: torch.Tensor) -> None:
+        """Keep this layer's winners (or summed scores) in the step's buffer, on the device."""
         heads = slice(ctx.layer.offset, ctx.layer.offset + ctx.layer.heads)
+        buffer = self._pending[1]
         if self.soft:
-            self.step_votes[ctx.step, :, heads] += scores.sum(dim=0).T.double()
+            buffer[heads] += scores.sum(dim=0)  # [heads, concepts]
         else:
-            winners = torch.nn.functional.one_hot(scores.argmax(dim=-1), len(self.tokens.spans))  # [rows, heads, concepts]
-            self.step_votes[ctx.step, :, heads] += winners.sum(dim=0).T
+            buffer[:, heads] = scores.argmax(dim=-1)  # [rows, heads]
+
+    def _flush(self) -> None:
+        """Count the pending step's votes into `step_votes` (one transfer per step)."""
+        if self._pending is None:
+            return
+        step, buffer = self._pending
+        self._pending = None
+        self.grow(step + 1)
+        if self.soft:
+            self._votes[step] += buffer.T.double().cpu()
+        else:
+            # -1 marks heads whose layer did not run this step; they count for no concept.
+            counts = torch.nn.functional.one_hot(buffer + 1, self.n_concepts + 1).sum(dim=0)  # [heads, concepts + 1]
+            self._votes[step] += counts[:, 1:].T.cpu()
+
+    def _step_tables(self, ctx: HookContext, device) -> _StepTables:
+        """The step's tables, made at its first layer call, after counting the step before."""
+        if self._drawn_for != (ctx.call, ctx.step):
+            self._flush()
+            self._drawn_for = (ctx.call, ctx.step)
+            choices = self._choices(ctx)  # [layers, rows, concepts]
+            self._tables = _tables(self._positions[self._concepts, choices], self._valid[self._concepts, choices],
+                                   device)
+            n_rows = len(ctx.rows)
+            buffer = (torch.zeros(self.n_heads, self.n_concepts, device=device) if self.soft
+                      else torch.full((n_rows, self.n_heads), -1, dtype=torch.long, device=device))
+            self._pending = (ctx.step, buffer)
+        return self._tables
+
+    def _choices(self, ctx: HookContext) -> torch.Tensor:
+        """The word sampled for each concept at every layer call of this step, per row: [layers, rows, concepts].
+
+        Each prompt's generator draws one value per (layer, row of the prompt, concept), layer-major,
+        which is the order of one draw per concept at every layer call.
+        """
+        prompts = [ctx.layout.prompt_index(ctx.layout.image(row)) for row in ctx.rows]
+        per_prompt = {prompt: prompts.count(prompt) for prompt in dict.fromkeys(prompts)}
+        draws = {prompt: torch.rand(self.n_layers, count, self.n_concepts, generator=self._generators[prompt],
+                                    dtype=torch.float64) for prompt, count in per_prompt.items()}
+        seen = dict.fromkeys(per_prompt, 0)
+        rows = []
+        for prompt in prompts:
+            rows.append(draws[prompt][:, seen[prompt]])  # [layers, concepts]
+            seen[prompt] += 1
+        draws = torch.stack(rows, dim=1)  # [layers, rows, concepts]
+        return (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
+
+
+def _tables(positions: torch.Tensor, valid: torch.Tensor, device) -> _StepTables:
+    """positions, valid: [layers, rows, concepts, longest word] -> the step's `_StepTables`."""
+    flat = positions.flatten(2).to(device)
+    if valid.shape[-1] == 1:
+        return _StepTables(flat=flat, bias=None, mean=None)
+    bias = None
+    if not valid.all():
+        bias = torch.zeros(valid.shape).masked_fill(~valid, float("-inf")).flatten(2)[:, :, None, :, None].to(device)
+    weights = valid / valid.sum(dim=-1, keepdim=True)  # [layers, rows, concepts, longest]
+    # mean[l, r, c * longest + j, c'] = weights[l, r, c, j] if c == c' else 0
+    mean = torch.diag_embed(weights.transpose(-1, -2)).transpose(-3, -2).flatten(2, 3)
+    return _StepTables(flat=flat, bias=bias, mean=mean.float().to(device))
 
 
 def _word_table(tokens: ConceptTokens) -> tuple[torch.Tensor, torch.Tensor]:
