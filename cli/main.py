@@ -217,13 +217,14 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
     import torch
 
     from headscope.backbones import denoiser_of
+    from headscope.models import call_defaults
     from headscope.prompts import prompt_tokens
 
     maps, source, steer = from_context(words=words, steer=steer, guidance=guidance, num_images=num_images,
                                        negative_prompt=negative_prompt)
     pipe = load_model(model, device, dtype)
     steps, guidance = generation_settings(pipe, steps, guidance)
-    defaults = _call_defaults(pipe)
+    defaults = call_defaults(pipe)
     tokenization = prompt_tokens(pipe, prompt, **defaults)  # the tokens word maps use (SD3: CLIP; Flux: T5)
     if negative_prompt:
         prompt_tokens(pipe, negative_prompt, **defaults)
@@ -336,17 +337,6 @@ def _slug(word: str) -> str:
 
 
 # -- models ------------------------------------------------------------------------------------
-
-def _call_defaults(pipe) -> dict:
-    """Pipeline-call arguments a model ships in headscope.json `defaults` besides steps and guidance (an
-    SD3 model trained on fewer T5 tokens records its max_sequence_length), where the pipeline takes them."""
-    import inspect
-
-    from headscope.models import model_defaults
-
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    return {key: value for key, value in model_defaults(pipe).items() if key == "max_sequence_length" and key in accepted}
-
 
 def _denoiser_config(model) -> dict | None:
     """The denoiser config (unet/ or transformer/config.json) of a local pipeline folder, no weights loaded;

@@ -107,6 +107,17 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     return pipe
 
 
+def call_defaults(pipe) -> dict:
+    """Pipeline-call arguments a model ships in headscope.json `defaults` besides steps and guidance, those
+    the pipeline's `__call__` takes: an SD3 model trained on fewer T5 tokens records its max_sequence_length,
+    and every call must pass it (the pipeline's own default would pad the text to 256 tokens)."""
+    import inspect
+
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    return {key: value for key, value in model_defaults(pipe).items()
+            if key not in ("num_inference_steps", "guidance_scale") and key in accepted}
+
+
 def model_defaults(pipe) -> dict:
     """Generation defaults a headscope-trained model ships in headscope.json (guidance, steps); else {}."""
     folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")

@@ -73,12 +73,15 @@ def _spell_out(scene: Scene) -> Scene:
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 5.0,
                     batch_size: int = 16, progress: bool = True):
     """One image per (prompt, seed); the seed alone decides an image's starting noise."""
+    from headscope.models import call_defaults
+
     jobs = [(p, s) for s in seeds for p in prompts]
+    options = call_defaults(pipe)
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
         chunk = jobs[start: start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens)
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens, **options)
         images += out.images
     return jobs, images
 
