@@ -9,7 +9,10 @@ bitwise identical while no hook edits) and hand the hooks of `headscope.processo
   readers        probs `[rows, heads, L_img, L_txt]` (float32), computed by `text_key_probs`
   value factors  `[batch or 1, heads, L_txt]`: the text keys' values are scaled for the image queries
                  only (text queries keep the plain values), so the image-query maps are scaled
-                 exactly as on a UNet, inside the model's own fused attention call
+                 exactly as on a UNet, inside the model's own fused attention call. That call is
+                 split by queries (image rows with scaled values, text rows with plain ones): the
+                 same products as one call, plus a copy of the values and of the output. All-ones
+                 factors skip the split (the plain call, bitwise).
   query readers  the image queries `[rows, heads, L_img, head_dim]` (after q-norm, and RoPE on Flux)
   probability editors: not on joint layers yet (HeadscopeError).
 
@@ -103,6 +106,8 @@ class JointProcessor(HeadProcessor):
             raise HeadscopeError(f"{ctx.layer.name}: probability editors do not run on joint-attention layers yet; "
                                  "value factors (Hook.value_factors) do")
         factors = _combined_factors((hook.value_factors(ctx) for hook in hooks), value.device)  # [b|1, heads, L_txt]
+        if factors is not None and bool((factors == 1).all()):
+            factors = None  # nothing to scale: the plain call, so all-ones steering is bitwise a no-op
         if factors is None:
             attended = attention(query, key, value)
         else:
