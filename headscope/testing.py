@@ -175,7 +175,8 @@ SHAPES_CONCEPTS = {"color": ["red", "blue", "green"], "shape": ["circle", "squar
 
 
 def random_hrv(pipe, concepts: dict | None = None, *, seed: int = 0):
-    """An HRV with random rows (mean 1, values in (0, 3)) for `pipe`'s head layout, for tests and --tiny runs.
+    """An HRV with random rows (mean 1, values in (0, 3)) for `pipe`'s head layout (any backbone: UNet,
+    SD3, Flux), for tests and --tiny runs.
 
     `concepts` maps concept names to their words (stored as the HRV's concept set); default
     SHAPES_CONCEPTS, whose words the tiny tokenizer knows.
@@ -184,7 +185,7 @@ def random_hrv(pipe, concepts: dict | None = None, *, seed: int = 0):
     from headscope.hrv import HRV, head_meta
 
     concepts = dict(concepts or SHAPES_CONCEPTS)
-    index = HeadIndex.from_unet(pipe.unet)
+    index = HeadIndex.from_model(pipe)
     generator = torch.Generator().manual_seed(seed)
     vectors = 0.05 + torch.rand(len(concepts), index.n_heads, generator=generator)
     vectors = vectors / vectors.mean(dim=1, keepdim=True)  # [concepts, heads], each row mean 1

@@ -174,7 +174,7 @@ def test_token_factors_for_a_single_prompt_of_a_batch(tiny_sd):
     (lambda pipe, hrv: strengthen_hook(pipe, PROMPT, {"giraffe": "shape"}, hrv=hrv), "'giraffe' is not in the prompt"),
     (lambda pipe, hrv: strengthen_hook(pipe, PROMPT, {"red": "texture"}, hrv=hrv), "unknown concept 'texture'"),
     (lambda pipe, hrv: strengthen_hook(pipe, PROMPT, {"red": "color"}, hrv=hrv, steps=(0.5, 1.5)), "0 <= start < end"),
-    (lambda pipe, hrv: HeadScale.for_words(pipe, PROMPT, {"red": torch.ones(3)}), "this UNet has 22"),
+    (lambda pipe, hrv: HeadScale.for_words(pipe, PROMPT, {"red": torch.ones(3)}), "this model has 22 cross-attention heads"),
     (lambda pipe, hrv: adjust_hook(pipe, PROMPT, {"red": ("color",)}, hrv=hrv), "(desired, undesired)"),
 ])
 def test_bad_steering_input_is_a_headscope_error(tiny_sd, hrv, build, message):

@@ -34,7 +34,8 @@ Differences from the reference implementations, on purpose: the Gaussian kernel 
 (the reference code's `exp(-((x - m) / (2 sigma)) ** 2)` is a Gaussian of sigma * sqrt(2)); maps
 are taken at the resolution asked for on any model (diffusers hard-codes 16x16); A&E-HRV downsamples
 with area averaging instead of a Gaussian blur + bicubic; several images and prompts are refined in
-one batch (each image's loss only moves its own latent). SD 1.x / 2.x pipelines only (no SDXL).
+one batch (each image's loss only moves its own latent). SD 1.x / 2.x pipelines only (no SDXL; SD3
+and Flux take (c) only).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class AttendAndExcite:
                  smooth: bool = True, sigma: float = 0.5, kernel_size: int = 3, normalize_eot: bool = False):
         _check_sd_pipeline(pipe)
         self.pipe, self.prompt, self.weighted = pipe, prompt, weighted
-        self.index = HeadIndex.from_unet(pipe.unet)
+        self.index = HeadIndex.from_model(pipe)
         hrv = resolve_hrv(pipe, hrv) if weighted else None
         self.subjects = find_subjects(pipe, prompt, subjects, hrv=hrv, need_concepts=weighted)
         self.tokenizations = tokenize_prompts(pipe, prompt)
@@ -350,6 +351,12 @@ def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
 
 
 def _check_sd_pipeline(pipe) -> None:
+    from headscope.backbones import backbone_for
+
+    if backbone_for(pipe).family != "unet":
+        raise HeadscopeError(f"Attend-and-Excite here runs on SD 1.x / 2.x pipelines; on {type(pipe).__name__} (joint "
+                             "attention) it is not built yet: use the gradient-free head method (--mitigate-neglect "
+                             "heads)")
     if getattr(pipe.unet.config, "addition_embed_type", None) is not None or hasattr(pipe, "text_encoder_2"):
         raise HeadscopeError(f"Attend-and-Excite here supports SD 1.x / 2.x pipelines, not "
                              f"{type(pipe).__name__}; use the gradient-free head method (--mitigate-neglect heads)")

@@ -1,4 +1,4 @@
-"""Steering by heads: per-head, per-token factors on cross-attention maps, and the HRV recipes on them.
+"""Steering by heads: per-head, per-token factors on text-key attention maps, and the HRV recipes on them.
 
 `HeadScale` multiplies the post-softmax map of chosen key tokens in each head by a factor, over a
 step window, on the conditional rows only by default (the unconditional branch of classifier-free
@@ -14,6 +14,11 @@ Recipes (HRV: Park et al., ICLR 2025; a vector has one value per head, mean 1 ov
                     (paper: a = 2, b = 1; polysemy correction, e.g. "rose" +color -shape). With
                     `clamp=c` both vectors are clipped at c first (the paper clips SDXL's HRVs at 9).
                     Factors may be negative: the paper does not clip them, neither do we.
+
+Joint attention (SD3, Flux): the factors scale the image queries' maps of the text keys (text queries
+and the text stream untouched, in double- and single-stream blocks; see `headscope.joint`). A word's
+key positions come from every text encoder whose tokens are keys (SD3: its CLIP positions and, after
+them, its T5 positions; Flux: T5), unless `encoders=` names some.
 
 Use the hooks inside any trace (`trace(pipe, hooks=[hook])`), or the one-call helpers `strengthen` /
 `adjust`, which run `pipe` inside `steering(pipe, hooks)` — a trace without the built-in map reader
@@ -31,7 +36,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.processor import ROW_KINDS, Hook, HookContext
 from headscope.steps import StepWindow
-from headscope.tokens import Tokenization, tokenize
+from headscope.tokens import Tokenization
 
 DEFAULT_A, DEFAULT_B = 2.0, 1.0
 
@@ -76,22 +81,27 @@ class HeadScale(Hook):
         self._tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def for_words(cls, pipe, prompt, factors: Mapping[str, torch.Tensor], *, steps=None,
-                  rows: str = "cond") -> "HeadScale":
+    def for_words(cls, pipe, prompt, factors: Mapping[str, torch.Tensor], *, steps=None, rows: str = "cond",
+                  encoders=None) -> "HeadScale":
         """HeadScale from words: {word: factors [n_heads]} for every occurrence in each prompt.
 
-        Raises HeadscopeError for a word missing from a prompt or vectors of the wrong length.
+        `encoders`: whose tokens of the word are scaled ("clip", "t5"); default every encoder whose
+        tokens are keys of `pipe` (`key_encoders`). Raises HeadscopeError for a word missing from a
+        prompt or vectors of the wrong length.
         """
-        n_heads = HeadIndex.from_unet(pipe.unet).n_heads
+        index = HeadIndex.from_model(pipe)
+        vectors = {}
+        for word, vector in factors.items():
+            vectors[word] = torch.as_tensor(vector, dtype=torch.float32).flatten()
+            if len(vectors[word]) != index.n_heads:
+                raise HeadscopeError(f"factors for {word!r} have {len(vectors[word])} values; this model has "
+                                     f"{index.n_heads} {index.noun} heads")
         entries = []
-        for index, tokenization in enumerate(tokenize_prompts(pipe, prompt)):
-            for word, vector in factors.items():
-                vector = torch.as_tensor(vector, dtype=torch.float32).flatten()
-                if len(vector) != n_heads:
-                    raise HeadscopeError(f"factors for {word!r} have {len(vector)} values; this UNet has "
-                                         f"{n_heads} cross-attention heads")
-                for positions in word_occurrences(tokenization, word):
-                    entries.append(TokenFactors(tuple(positions), vector, index))
+        for encoder in key_encoders(pipe) if encoders is None else encoders:
+            for prompt_index, tokenization in enumerate(tokenize_prompts(pipe, prompt, encoder)):
+                for word, vector in vectors.items():
+                    for positions in word_occurrences(tokenization, word):
+                        entries.append(TokenFactors(tuple(positions), vector, prompt_index))
         return cls(entries, steps=steps, rows=rows)
 
     def value_factors(self, ctx: HookContext) -> torch.Tensor | None:
@@ -228,12 +238,12 @@ def adjust(pipe, prompt, targets: Mapping, *, hrv=None, a: float = DEFAULT_A, b:
 # -- helpers shared with editing and neglect ------------------------------------------------------
 
 def resolve_hrv(pipe, hrv):
-    """An HRV object checked against `pipe`: given, loaded from a path, or the pipeline's default."""
+    """An HRV object checked against `pipe`'s head index: given, loaded from a path, or the pipeline's default."""
     if hrv is None or isinstance(hrv, str) or hasattr(hrv, "__fspath__"):
         from headscope.hrv import HRV
 
         hrv = HRV.for_pipeline(pipe) if hrv is None else HRV.load(hrv)
-    hrv.check_compatible(pipe)
+    hrv.check_compatible(HeadIndex.from_model(pipe))
     return hrv
 
 
@@ -244,12 +254,26 @@ def max_length(pipe) -> int:
     return min(limit, positions) if positions else limit
 
 
-def tokenize_prompts(pipe, prompt) -> list[Tokenization]:
-    """One Tokenization per prompt (a str or a list of str) through the pipeline's tokenizer."""
+def tokenize_prompts(pipe, prompt, encoder: str | None = None) -> list[Tokenization]:
+    """One tokenization per prompt (a str or a list of str) through `encoder`'s tokenizer (default: the
+    family's), its word positions counted among the text keys (`headscope.prompts.prompt_tokens`)."""
+    from headscope.prompts import prompt_tokens
+
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise HeadscopeError("no prompt given")
-    return [tokenize(pipe.tokenizer, text, max_length(pipe)) for text in prompts]
+    return [prompt_tokens(pipe, text, encoder) for text in prompts]
+
+
+def key_encoders(pipe) -> list[str]:
+    """The text encoders whose tokens are keys of `pipe`'s attention and which the pipeline has:
+    ["clip"] (UNet), ["clip", "t5"] (SD3; ["clip"] without T5), ["t5"] (Flux)."""
+    from headscope.backbones import backbone_for
+
+    backbone = backbone_for(pipe)
+    present = {slot.encoder for slot in backbone.text_slots(pipe, {})
+               if slot.keys and getattr(pipe, slot.text_encoder, None) is not None}
+    return [encoder for encoder in backbone.encoders if encoder in present]
 
 
 def word_occurrences(tokenization: Tokenization, word: str) -> list[list[int]]:
