@@ -238,6 +238,8 @@ def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_f
     from headscope.hrv import HRV
     from headscope.models import is_shapes_model
     from headscope.weaken import ORDERS, OrderedWeakening, weakening_scenes
+    from headscope_cli.common import load_model
+    from headscope.models import call_defaults
 
     unknown = [order for order in orders if order not in ORDERS]
     if unknown:
@@ -247,7 +249,8 @@ def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_f
         result.concept(concept)
     if prompts_file is not None and clip is None:
         raise HeadscopeError("prompts from a file are scored with CLIP: pass --clip PATH to a local CLIP model")
-    pipe = _load(model, device, None)
+    pipe = load_model(model, device, None)  # any backbone: SD3 / Flux weaken the image queries' maps
+    pipe.set_progress_bar_config(disable=True)
     result = result or HRV.for_pipeline(pipe)
     concept = result.concept(concept)
     if prompts_file is not None:
@@ -261,7 +264,8 @@ def weaken_cmd(concept, hrv_file, model, ks, factor, seeds, n_prompts, prompts_f
         words = result.concept_words.get(concept) or [concept]
         prompts = [f"a photo of a {word}" for word in words][:n_prompts]
     sweep = OrderedWeakening(concept, result, ks=ks, factor=factor, orders=orders, seeds=seeds, random_seed=seed,
-                             clip=clip, steps=steps, guidance=guidance, batch_size=batch_size, progress=True)
+                             clip=clip, steps=steps, guidance=guidance, batch_size=batch_size, progress=True,
+                             call_options=call_defaults(pipe))
     sweep.plan()
     sweep.fit(pipe, prompts)
     write_weakening(out, sweep)

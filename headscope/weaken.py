@@ -4,7 +4,9 @@ For one concept, heads are ranked by its HRV: MoRHF (most relevant first), LeRHF
 first) and a seeded random order as control. For every k of a grid, the first k heads of each order
 have their post-softmax maps multiplied by `factor` (the paper's -2; 0 ablates) at every word token of
 the prompt (not start/end/padding), on the conditional rows, at every step. This is a writer hook that
-returns value factors, so it runs inside fused attention.
+returns value factors, so it runs inside fused attention. On SD3 and Flux the word tokens are those of
+every text encoder whose tokens are keys (SD3: CLIP and T5), and only the image queries' maps are
+weakened (`headscope.joint`).
 
 If the HRV is right, MoRHF destroys the concept after few heads while LeRHF barely touches it, and
 other concepts (the controls) suffer less under MoRHF than the weakened one.
@@ -21,6 +23,7 @@ from collections import defaultdict
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import HeadIndex
 from headscope.hrv import HRV, generation_defaults
 from headscope.processor import Hook, HookContext
 
@@ -56,9 +59,30 @@ def word_positions(tokenizer, prompt: str) -> list[int]:
     """Key positions of the prompt's own tokens: everything but start, end and padding tokens."""
     from headscope.tokens import tokenize
 
+    return _own_tokens(tokenizer, tokenize(tokenizer, prompt).input_ids)
+
+
+def word_key_positions(pipe, prompt: str) -> list[int]:
+    """Key positions of the prompt's own tokens through every text encoder whose tokens are keys of `pipe`
+    (UNet: `word_positions` of its tokenizer; SD3: the CLIP ones, then the T5 ones after the CLIP positions;
+    Flux: T5's)."""
+    from headscope.backbones import backbone_for
+    from headscope.prompts import prompt_tokens
+    from headscope.steer.scale import key_encoders
+
+    tokenizers = {slot.encoder: slot.tokenizer for slot in backbone_for(pipe).text_slots(pipe, {}) if slot.keys}
+    positions = []
+    for encoder in key_encoders(pipe):
+        tokens = prompt_tokens(pipe, prompt, encoder)
+        own = _own_tokens(getattr(pipe, tokenizers[encoder]), tokens.input_ids)
+        positions += [tokens.offset + position for position in own]
+    return positions
+
+
+def _own_tokens(tokenizer, input_ids) -> list[int]:
+    """Positions of `input_ids` that are neither start, end nor padding tokens."""
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    ids = tokenize(tokenizer, prompt).input_ids
-    return [position for position, token in enumerate(ids) if token not in special]
+    return [position for position, token in enumerate(input_ids) if token not in special]
 
 
 class HeadWeakening(Hook):
@@ -205,6 +229,7 @@ class OrderedWeakening:
         random_seed: seed of the random order.
         clip: folder of a CLIP model, to score plain-text prompts (shapes scenes need none).
         steps, guidance: generation settings (None: the model's defaults).
+        call_options: further pipeline-call arguments (e.g. an SD3 / Flux model's `max_sequence_length`).
         batch_size: prompts per pipeline call.
         progress: tqdm bar on stderr.
 
@@ -215,7 +240,7 @@ class OrderedWeakening:
 
     def __init__(self, concept: str, hrv: HRV, *, ks=None, factor: float = -2.0, orders=ORDERS, seeds=(0, 1),
                  random_seed: int = 0, clip=None, steps: int | None = None, guidance: float | None = None,
-                 batch_size: int = 8, progress: bool = False):
+                 batch_size: int = 8, progress: bool = False, call_options: dict | None = None):
         self.concept = concept
         self.hrv = hrv
         self.ks = ks
@@ -228,6 +253,7 @@ class OrderedWeakening:
         self.guidance = guidance
         self.batch_size = batch_size
         self.progress = progress
+        self.call_options = call_options
 
     def plan(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """(order, k) -> the weakened head ids (sorted), after validating the parameters."""
@@ -250,11 +276,11 @@ class OrderedWeakening:
         from tqdm.auto import tqdm
 
         plan = self.plan()
-        self.hrv.check_compatible(pipe)
+        self.hrv.check_compatible(HeadIndex.from_model(pipe))
         texts, scorer = self._scorer(list(prompts))
         steps, guidance = generation_defaults(pipe)
         steps, guidance = self.steps or steps, self.guidance if self.guidance is not None else guidance
-        positions = [word_positions(pipe.tokenizer, text) for text in texts]
+        positions = [word_key_positions(pipe, text) for text in texts]
         head_sets = sorted(set(plan.values()), key=lambda heads: (len(heads), heads))
         batches = [list(range(start, min(start + self.batch_size, len(texts))))
                    for start in range(0, len(texts), self.batch_size)]
@@ -304,7 +330,8 @@ class OrderedWeakening:
         import headscope
 
         generators = [torch.Generator("cpu").manual_seed(seed) for _ in texts]
-        call = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+        call = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    **(self.call_options or {}))
         if not heads:
             return pipe(texts, **call).images
         hook = HeadWeakening(heads, self.factor, positions, pipe.tokenizer.model_max_length)
