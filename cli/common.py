@@ -78,8 +78,9 @@ def load_model(model, device, dtype):
 
 
 def require_unet(pipe, feature: str) -> None:
-    """HeadscopeError unless `pipe` is a UNet pipeline: `feature` (HRVs, steering, editing) is built on
-    cross-attention for now; joint-attention models (SD3, Flux) trace and map words already."""
+    """HeadscopeError unless `pipe` is a UNet pipeline: `feature` (e.g. prompt-to-prompt editing, which
+    edits cross- and self-attention maps) is built on cross-attention for now; joint-attention models
+    (SD3, Flux) trace, map words and steer by heads already."""
     from headscope.backbones import backbone_for
 
     backbone = backbone_for(pipe)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import click
 
 from headscope.errors import HeadscopeError
-from headscope_cli.common import Finite, require_unet
+from headscope_cli.common import Finite
 
 STRENGTHEN = re.compile(r"^(?P<token>[^=]+)=(?P<concept>[^:=]+?)(?::(?P<scale>[^:=]+))?$")
 ADJUST = re.compile(r"^(?P<token>[^=]+)=\+(?P<desired>[^,:=]+),-(?P<undesired>[^,:=]+)"
@@ -164,7 +164,6 @@ def plan_steering(pipe, prompt, *, strengthen, adjust, hrv_file, steer_steps, ne
     plan = SteeringPlan()
     if not needs_hrv and neglect is None:
         return plan
-    require_unet(pipe, "steering by heads")
     hrv = resolve_hrv(pipe, hrv_file) if needs_hrv else None
     plan.summary = {"hrv": str(hrv_file) if hrv_file else "model default", "steps": steer_steps}
     for token, concept, scale in strengthen:
