@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from headscope.io import atomic_path, replace_folder, uninterrupted, write_json
+from headscope.io import atomic_path, replace_folder, write_json
 from headscope.shapes.model import (ModelConfig, build_scheduler, build_text_encoder, build_unet, build_vae,
                                     latent_size)
+from headscope.shapes.runs import EMA, load_checkpoint, save_checkpoint, split_prefix
+from headscope.shapes.runs import log as log_record
 from headscope.shapes.tokenizer import build_tokenizer
 from headscope.shapes.world import SceneSampler, render
 
@@ -78,27 +80,6 @@ class TrainConfig:
         return cls(**data)
 
 
-def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Weights as safetensors, trainer state (optimizer, step) as a weights-only torch file; Ctrl-C waits
-    until both are written, so a resumed run never pairs new weights with an old step."""
-    with uninterrupted():
-        with atomic_path(path / "weights.safetensors") as temporary:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary))
-        with atomic_path(path / "state.pt") as temporary:
-            torch.save(state, temporary)
-
-
-def _load_checkpoint(path: Path):
-    if not (path / "state.pt").is_file():
-        return None, None
-    return load_file(str(path / "weights.safetensors")), torch.load(path / "state.pt", weights_only=True)
-
-
-def _log(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "log.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def _render_batch(sampler: SceneSampler, n: int, jitter: float) -> tuple[torch.Tensor, list[str]]:
     """Returns images `[n, 3, H, W]` in [-1, 1] and their captions."""
     images, captions = [], []
@@ -126,7 +107,7 @@ def train_vae(run_dir: Path, cfg: TrainConfig, *, progress: bool = True):
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.model)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    weights, state = _load_checkpoint(ckpt)
+    weights, state = load_checkpoint(ckpt)
     start = 0
     if state is not None:
         vae.load_state_dict(weights)
@@ -149,10 +130,10 @@ def train_vae(run_dir: Path, cfg: TrainConfig, *, progress: bool = True):
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0:
-            _log(run_dir, {"stage": "vae", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+            log_record(run_dir, {"stage": "vae", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
         if (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": step + 1})
-    _save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": cfg.vae_steps, "done": True})
+            save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": step + 1})
+    save_checkpoint(ckpt, vae.state_dict(), {"optimizer": opt.state_dict(), "step": cfg.vae_steps, "done": True})
     return vae
 
 
@@ -183,28 +164,10 @@ def encode_dataset(run_dir: Path, cfg: TrainConfig, vae, *, progress: bool = Tru
 
 
 # ------------------------------------------------------------------------------------ UNet + text
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up of the decay."""
-
-    def __init__(self, params: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for k, v in params.items():
-            self.shadow[k].lerp_(v.detach().float(), 1 - decay)
-
-
 def _named(unet, text_encoder) -> dict[str, torch.Tensor]:
     params = {f"unet.{k}": v for k, v in unet.named_parameters()}
     params.update({f"text.{k}": v for k, v in text_encoder.named_parameters()})
     return params
-
-
-def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -243,16 +206,16 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
     opt = torch.optim.AdamW(params.values(), lr=cfg.unet_lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
     ckpt = run_dir / "unet"
-    weights, state = _load_checkpoint(ckpt)
+    weights, state = load_checkpoint(ckpt)
     start = 0
     if state is None and cfg.init_from:  # a fresh fine-tuning run: weights and EMA from the other run
-        weights, source = _load_checkpoint(Path(cfg.init_from) / "unet")
+        weights, source = load_checkpoint(Path(cfg.init_from) / "unet")
         if weights is None:
             raise FileNotFoundError(f"{cfg.init_from} holds no UNet checkpoint to start from")
-        _log(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
+        log_record(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
     if weights is not None:
-        unet.load_state_dict(_split(weights, "model.unet"), strict=False)
-        text_encoder.load_state_dict(_split(weights, "model.text"), strict=False)
+        unet.load_state_dict(split_prefix(weights, "model.unet"), strict=False)
+        text_encoder.load_state_dict(split_prefix(weights, "model.text"), strict=False)
         ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
     if state is not None:  # resuming this run: its optimizer and step too
         opt.load_state_dict(state["optimizer"])
@@ -300,15 +263,15 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
         ema.update(params, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0:
-            _log(run_dir, {"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+            log_record(run_dir, {"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
             tensors = {f"model.{k}": v for k, v in params.items()}
             tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-            _save_checkpoint(ckpt, tensors, {"optimizer": opt.state_dict(), "step": done})
+            save_checkpoint(ckpt, tensors, {"optimizer": opt.state_dict(), "step": done})
         if done % cfg.export_every == 0 or done == cfg.unet_steps:
             target = export_pipeline(run_dir, cfg, vae, ema.shadow, scaling, run_dir / "pipeline")
-            _log(run_dir, {"stage": "export", "step": done, "path": str(target), "time": time.time()})
+            log_record(run_dir, {"stage": "export", "step": done, "path": str(target), "time": time.time()})
             if on_export is not None:
                 on_export(done, target)
 
@@ -321,8 +284,8 @@ def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, tor
     tokenizer = build_tokenizer()
     vae = copy.deepcopy(vae)
     unet, text_encoder = build_unet(cfg.model), build_text_encoder(cfg.model, tokenizer)
-    unet.load_state_dict(_split(weights, "unet"), strict=False)
-    text_encoder.load_state_dict(_split(weights, "text"), strict=False)
+    unet.load_state_dict(split_prefix(weights, "unet"), strict=False)
+    text_encoder.load_state_dict(split_prefix(weights, "text"), strict=False)
     vae.register_to_config(scaling_factor=scaling)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr),

@@ -38,7 +38,9 @@ from headscope.io import replace_folder, write_json
 from headscope.shapes.mmdit import (TINY_MMDIT, MMDiTConfig, assemble, build_flow_scheduler, build_text_encoders,
                                     build_transformer, encode_captions, load_shipped_vae, warm_start_clip1)
 from headscope.shapes.tokenizer import build_tokenizer
-from headscope.shapes.train import EMA, TrainConfig, _load_checkpoint, _log, _save_checkpoint, _split, encode_dataset
+from headscope.shapes.runs import EMA, load_checkpoint, save_checkpoint, split_prefix
+from headscope.shapes.runs import log as log_record
+from headscope.shapes.train import TrainConfig, encode_dataset
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # the trained modules, by pipeline name
 
@@ -165,17 +167,17 @@ def train_mmdit(run_dir: str | Path, cfg: MMDiTTrainConfig | None = None, *, pro
     params = _named(modules)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
-    weights, state = _load_checkpoint(run_dir / "checkpoint")
+    weights, state = load_checkpoint(run_dir / "checkpoint")
     start = 0
     if state is not None:
         for name in COMPONENTS:
-            modules[name].load_state_dict(_split(weights, f"model.{name}"), strict=False)
+            modules[name].load_state_dict(split_prefix(weights, f"model.{name}"), strict=False)
         ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-        _log(run_dir, {"stage": "resume", "step": start, "time": time.time()})
+        log_record(run_dir, {"stage": "resume", "step": start, "time": time.time()})
     else:
-        _log(run_dir, {"stage": "start", "cache_scaling": meta["scaling_factor"], "scaling": scaling,
+        log_record(run_dir, {"stage": "start", "cache_scaling": meta["scaling_factor"], "scaling": scaling,
                        "time": time.time()})
 
     latents = load_file(str(run_dir / "latents.safetensors"))
@@ -194,15 +196,15 @@ def train_mmdit(run_dir: str | Path, cfg: MMDiTTrainConfig | None = None, *, pro
         ema.update(params, step)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % cfg.log_every == 0:
-            _log(run_dir, {"stage": "mmdit", "step": step, "loss": loss, "lr": lr, "time": time.time()})
+            log_record(run_dir, {"stage": "mmdit", "step": step, "loss": loss, "lr": lr, "time": time.time()})
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             tensors = {f"model.{k}": v for k, v in params.items()}
             tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-            _save_checkpoint(run_dir / "checkpoint", tensors, {"optimizer": opt.state_dict(), "step": done})
+            save_checkpoint(run_dir / "checkpoint", tensors, {"optimizer": opt.state_dict(), "step": done})
         if done % cfg.export_every == 0 or done == cfg.steps:
             target = export_pipeline(cfg, vae, ema.shadow, run_dir / "pipeline", steps_trained=done)
-            _log(run_dir, {"stage": "export", "step": done, "path": str(target), "time": time.time()})
+            log_record(run_dir, {"stage": "export", "step": done, "path": str(target), "time": time.time()})
             if on_export is not None:
                 on_export(done, target)
     return run_dir / "pipeline"
@@ -237,7 +239,7 @@ def export_pipeline(cfg: MMDiTTrainConfig, vae, weights: dict[str, torch.Tensor]
     tokenizer = build_tokenizer()
     modules = _modules(cfg, tokenizer)
     for name in COMPONENTS:
-        modules[name].load_state_dict(_split(weights, name), strict=False)
+        modules[name].load_state_dict(split_prefix(weights, name), strict=False)
     pipe = assemble(copy.deepcopy(vae), modules["transformer"], [modules[name] for name in COMPONENTS[1:]],
                     tokenizer, build_flow_scheduler(cfg.model))
     pipe.to(dtype=dtype)
