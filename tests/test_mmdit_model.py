@@ -129,3 +129,16 @@ def test_full_size_model_fits_the_package_budget_in_fp16():
     tensors = sum(p.numel() for m in modules for p in m.state_dict().values())
     vae_bytes = (SHIPPED_MODEL / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert 2 * tensors + vae_bytes < 20e6
+
+
+def test_shapes_train_arch_mmdit_trains_the_tiny_model_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from headscope_cli.main import cli
+
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["shapes", "train", "--arch", "mmdit", "--tiny", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "exported pipeline:" in result.output
+    assert (run_dir / "pipeline" / "transformer" / "config.json").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["steps"] == 20
