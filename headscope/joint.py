@@ -14,6 +14,9 @@ bitwise identical while no hook edits) and hand the hooks of `headscope.processo
                  same products as one call, plus a copy of the values and of the output. All-ones
                  factors skip the split (the plain call, bitwise).
   query readers  the image queries `[rows, heads, L_img, head_dim]` (after q-norm, and RoPE on Flux)
+  joint readers  the image side of the call as a `JointTensors` (queries, keys, values and attention
+                 outputs before the output projection, all batch rows, views): what a stream of extra
+                 tokens beside the image needs (`headscope.stream`, concept tokens)
   probability editors: not on joint layers yet (HeadscopeError).
 
 Memory: the full joint matrix is heads x (L_img + L_txt)^2 per call (Flux-dev at 1024^2: 24 x 4608^2
@@ -52,6 +55,21 @@ class JointSequence:
     def text(self) -> slice:
         start = 0 if self.text_first else self.n_image
         return slice(start, start + self.n_text)
+
+
+@dataclass(frozen=True)
+class JointTensors:
+    """The image side of one joint-attention call, every batch row, heads first (views, never copies).
+
+    query, key, value: [batch, heads, L_img, head_dim] after the q / k norms (and RoPE on Flux).
+    output: [batch, heads, L_img, head_dim], the image queries' attention output before the output
+        projection (after any value-factor steering: what the layer passes on).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
 
 
 def text_key_probs(query: torch.Tensor, key: torch.Tensor, text: slice, scale: float,
@@ -112,6 +130,14 @@ class JointProcessor(HeadProcessor):
             attended = attention(query, key, value)
         else:
             attended = _steered(query, key, value, sequence, seq_dim, attention, factors)
+        joint_readers = [hook for hook in hooks if hook.wants_joint(ctx)]
+        if joint_readers:
+            image = (sequence.image.start, sequence.n_image)
+            tensors = JointTensors(query=image_queries, key=_heads_first(key.narrow(seq_dim, *image), seq_dim),
+                                   value=_heads_first(value.narrow(seq_dim, *image), seq_dim),
+                                   output=_heads_first(attended.narrow(seq_dim, *image), seq_dim))
+            for hook in joint_readers:
+                hook.read_joint(ctx, tensors)
         readers = [hook for hook in hooks if hook.wants_probs(ctx)]
         if readers:
             keys = _heads_first(key, seq_dim)

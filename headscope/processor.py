@@ -26,7 +26,9 @@ Query readers — `Hook.wants_query(ctx)` returns True and `Hook.read_query(ctx,
 Joint attention (SD3, Flux): readers receive the image-query x text-key block `[rows, heads, L_img,
     L_txt]`, normalised over all keys (image and text) as the model normalises it; value factors
     `[batch or 1, heads, L_txt]` scale the text keys' values for image queries; query readers get the
-    image queries; `ctx.text_keys` says where the text keys sit in the joint sequence.
+    image queries; `ctx.text_keys` says where the text keys sit in the joint sequence. Joint readers
+    (`Hook.wants_joint` / `Hook.read_joint`) get the call's image queries, keys, values and attention
+    outputs (`headscope.joint.JointTensors`), which the concept stream (`headscope.stream`) needs.
 
 Readers see the weights the layer actually applied: after edits, times value factors.
 Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, denoising step,
@@ -170,6 +172,12 @@ class Hook:
 
     def read_query(self, ctx: HookContext, query: torch.Tensor) -> None:
         """query: [len(ctx.rows), heads, n_query, head_dim], the layer's projected queries."""
+
+    def wants_joint(self, ctx: HookContext) -> bool:
+        return False
+
+    def read_joint(self, ctx: HookContext, tensors) -> None:
+        """Joint-attention layers only: the call's image side, `headscope.joint.JointTensors` (all rows)."""
 
     def value_factors(self, ctx: HookContext) -> torch.Tensor | None:
         """Per-head, per-key factors on post-softmax maps: [batch or 1, heads, key], or None."""

@@ -45,7 +45,8 @@ NORMALIZATIONS = ("model", "text")
 
 
 def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hooks=(), maps: bool = True,
-          allow_unknown: bool | None = None, encoder: str | None = None, normalize: str = "model") -> "Trace":
+          allow_unknown: bool | None = None, encoder: str | None = None, normalize: str = "model",
+          concepts=None) -> "Trace":
     """A context manager that records the text-conditioned attention heads of `pipe` during `pipe(...)` calls.
 
     Args:
@@ -66,18 +67,22 @@ def trace(pipe, *, keep_steps: bool = False, steps=None, rows: str = "cond", hoo
         normalize: joint attention: "model" (default) keeps each map normalised as the model normalises it
             (softmax over all keys, image and text); "text" renormalises each image query's text
             attention to sum to 1. Cross-attention maps are the same either way.
+        concepts: SD3 / Flux: concept words (at least two, one word each) carried through every joint block
+            during the calls, for `tc.concept_maps()` (ConceptAttention, `headscope.maps.concepts`); the image
+            is unchanged. Their tokens come from `encoder`'s segment. A `headscope.stream.ConceptStream` with
+            its own readers is taken as it is.
 
     Results describe the latest pipeline call made inside the `with` block and stay readable after it.
     """
     return Trace(pipe, keep_steps=keep_steps, steps=steps, rows=rows, hooks=hooks, maps=maps,
-                 allow_unknown=allow_unknown, encoder=encoder, normalize=normalize)
+                 allow_unknown=allow_unknown, encoder=encoder, normalize=normalize, concepts=concepts)
 
 
 class Trace:
     """The object `trace()` returns: install on enter, restore on exit, read maps afterwards."""
 
     def __init__(self, pipe, *, keep_steps=False, steps=None, rows="cond", hooks=(), maps=True, allow_unknown=None,
-                 encoder=None, normalize="model"):
+                 encoder=None, normalize="model", concepts=None):
         if rows not in ROW_KINDS:
             raise HeadscopeError(f"rows={rows!r}; use one of {', '.join(ROW_KINDS)}")
         if normalize not in NORMALIZATIONS:
@@ -92,7 +97,9 @@ class Trace:
         self.reducer = daam.HeatMapReducer(rows=rows, window=StepWindow.parse(steps), keep_steps=keep_steps,
                                            normalize=normalize)
         self.maps = maps
-        self.hooks = Hooks([self.reducer, *hooks] if maps else list(hooks))
+        self.concept_stream = _concept_stream(pipe, concepts, self.encoder, self.reducer, allow_unknown)
+        stream = [self.concept_stream] if self.concept_stream is not None else []
+        self.hooks = Hooks([self.reducer, *hooks, *stream] if maps else [*hooks, *stream])
         self.prompt_log = PromptLog(pipe, self.backbone, negatives_wanted=rows != "cond", allow_unknown=allow_unknown)
         self.calls = 0
         self._pending_call = False
@@ -116,6 +123,9 @@ class Trace:
             for name, processor in processors.items():
                 modules[name].set_processor(processor)
             self._saved["handle"] = denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True)
+            if self.concept_stream is not None:
+                self._saved["stream"] = self.concept_stream
+                self.concept_stream.attach()
             self._wrap_encode_prompt()
         except BaseException:
             self._restore()
@@ -133,6 +143,8 @@ class Trace:
         finally:
             if "handle" in self._saved:
                 self._saved.pop("handle").remove()
+            if "stream" in self._saved:
+                self._saved.pop("stream").detach()
             self._unwrap_encode_prompt()
 
     def _wrap_encode_prompt(self) -> None:
@@ -174,6 +186,8 @@ class Trace:
         else:
             self.prompt_log.check_encoder(self.encoder, arguments)
             self.prompt_log.start_call(arguments)
+            if self.concept_stream is not None:
+                self.concept_stream.prepare(arguments)  # the concepts encoded as this call encodes its prompt
             self._uncond_embeds = None
             negative_pass = False
         # Keep only the keys up to the longest recorded prompt's end token; all keys when text is unknown.
@@ -190,6 +204,8 @@ class Trace:
         state = self.hooks.state
         state.recording = not call.extra
         if call.extra:
+            if self.concept_stream is not None:
+                self.concept_stream.begin_forward(None)
             return
         starting = self._pending_call or state.call < 0
         layout = self._layout(call, starting)
@@ -206,6 +222,8 @@ class Trace:
             self.index = self.index.at_latent(state.latent_hw)
             for hook in self.hooks.items:
                 hook.start_call(state)
+        if self.concept_stream is not None:
+            self.concept_stream.begin_forward(state)
 
     def _n_steps(self) -> int | None:
         n_steps = getattr(self.pipe, "_num_timesteps", None)
@@ -328,6 +346,13 @@ class Trace:
         self._require_maps()
         return daam.token_maps(self, **options)
 
+    def concept_maps(self, concepts=None, **options):
+        """Concept saliency [concepts, H, W] of the concepts traced with `trace(pipe, concepts=[...])`; see
+        `headscope.maps.concepts.concept_maps` for the options (layers=, steps=, image=, upsample=, size=)."""
+        from headscope.maps.concepts import concept_maps
+
+        return concept_maps(self, concepts, **options)
+
     def _require_maps(self) -> None:
         if not self.maps:
             raise HeadscopeError("this trace was opened with maps=False and recorded no heat maps")
@@ -337,3 +362,18 @@ class Trace:
         if layout is None:
             raise HeadscopeError("nothing recorded yet: call the pipeline inside `with trace(pipe) as tc:`")
         return layout
+
+
+def _concept_stream(pipe, concepts, encoder: str, reducer, allow_unknown):
+    """The trace's concept stream: None, the ConceptStream given, or one carrying a word list for concept maps."""
+    if concepts is None:
+        return None
+    from headscope.maps.concepts import ConceptMapReducer, check_concepts
+    from headscope.stream import ConceptStream
+
+    if isinstance(concepts, ConceptStream):
+        return concepts
+    entries = check_concepts(concepts)
+    stream = ConceptStream(pipe, entries, encoder=encoder, allow_unknown=allow_unknown, feature="concept maps")
+    stream.readers.append(ConceptMapReducer(stream.spans, window=reducer.window, keep_steps=reducer.keep_steps))
+    return stream

@@ -1,0 +1,132 @@
+"""Extra text tokens through a joint block: each family's text-stream maths, for the concept stream.
+
+The concept stream (`headscope.stream`) carries tokens beside the prompt through every block of an SD3
+or Flux transformer, with the block's own text-stream weights, and one-way attention: the concept
+queries attend to [concept keys; image keys], and no image or prompt token attends to them, so the
+image is untouched. One function per kind of block; each takes
+
+    block   the diffusers block module (`JointTransformerBlock`, `FluxTransformerBlock`,
+            `FluxSingleTransformerBlock`)
+    states  [rows, tokens, dim] the concept tokens' hidden states entering the block
+    temb    [rows, dim] the block's conditioning embedding (timestep, pooled text; Flux: guidance)
+    image   the block's `headscope.joint.JointTensors` for the same rows (image keys and values)
+
+and returns a `BlockStep`: the concept keys, the concept attention output before the output
+projection (both [rows, heads, tokens, head_dim]) and the states leaving the block (None after SD3's
+last, `context_pre_only` block, whose text outputs the model drops).
+
+Flux applies RoPE after joining text and image; its text ids are all zeros (`FluxPipeline` builds
+`txt_ids` as zeros), and at position 0 the rotation is the identity (cos 0 = 1, sin 0 = 0), so concept
+tokens, at position 0 like the prompt's, get none: their queries and keys are the projections after
+the k / q norms, exactly what RoPE would hand back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """concept_key, concept_output: [rows, heads, tokens, head_dim]; states: [rows, tokens, dim] or None."""
+
+    concept_key: torch.Tensor
+    concept_output: torch.Tensor
+    states: torch.Tensor | None
+
+
+def step_for(family: str, kind: str):
+    """The block function of a layer: SD3 joint, Flux double-stream ("joint") or single-stream ("single")."""
+    return {("sd3", "joint"): sd3_joint_step, ("flux", "joint"): flux_double_step,
+            ("flux", "single"): flux_single_step}[(family, kind)]
+
+
+def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """[rows, tokens, heads * head_dim] -> [rows, heads, tokens, head_dim]."""
+    return tensor.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _one_way_attention(query, key, value, image, attention=None) -> torch.Tensor:
+    """Concept queries over [concept keys; image keys] and their values: [rows, heads, tokens, head_dim].
+
+    attention(q, k, v) in Flux's [rows, tokens, heads, head_dim] layout when given (the model's own
+    dispatch); else SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it.
+    """
+    keys = torch.cat([key, image.key], dim=2)
+    values = torch.cat([value, image.value], dim=2)
+    if attention is None:
+        return F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
+    return attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)).transpose(1, 2)
+
+
+def sd3_joint_step(block, states, temb, image, attention=None) -> BlockStep:
+    """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
+    norm2_context, ff_context), with the concept tokens as the context."""
+    attn = block.attn
+    if block.context_pre_only:
+        normed = block.norm1_context(states, temb)
+    else:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
+    query = _heads(attn.add_q_proj(normed), attn.heads)
+    key = _heads(attn.add_k_proj(normed), attn.heads)
+    value = _heads(attn.add_v_proj(normed), attn.heads)
+    if attn.norm_added_q is not None:
+        query = attn.norm_added_q(query)
+    if attn.norm_added_k is not None:
+        key = attn.norm_added_k(key)
+    output = _one_way_attention(query, key, value, image).to(query.dtype)
+    if block.context_pre_only:
+        return BlockStep(key, output, None)
+    states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
+    normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+    return BlockStep(key, output, states)
+
+
+def _added_projections(attn, normed):
+    """Flux's text-stream q, k, v of `normed` [rows, tokens, dim] (fused or not), each [rows, tokens, inner]."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+        return attn.to_added_qkv(normed).chunk(3, dim=-1)
+    return attn.add_q_proj(normed), attn.add_k_proj(normed), attn.add_v_proj(normed)
+
+
+def _shared_projections(attn, normed):
+    """A single-stream block's q, k, v (one projection for text and image), each [rows, tokens, inner]."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(normed).chunk(3, dim=-1)
+    return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
+
+
+def flux_double_step(block, states, temb, image, attention) -> BlockStep:
+    """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
+    norm2_context, ff_context) with the concept tokens as the text."""
+    attn = block.attn
+    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
+    query, key, value = (_heads(part, attn.heads) for part in _added_projections(attn, normed))
+    # The norms act on the last dimension, so the heads-first layout gives what [rows, tokens, heads, d] gives.
+    query, key = attn.norm_added_q(query), attn.norm_added_k(key)
+    output = _one_way_attention(query, key, value, image, attention).to(query.dtype)
+    states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
+    normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+    if states.dtype == torch.float16:
+        states = states.clip(-65504, 65504)
+    return BlockStep(key, output, states)
+
+
+def flux_single_step(block, states, temb, image, attention) -> BlockStep:
+    """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
+    the MLP branch side by side, proj_out of both, gate, residual."""
+    attn = block.attn
+    normed, gate = block.norm(states, emb=temb)
+    mlp = block.act_mlp(block.proj_mlp(normed))
+    query, key, value = (_heads(part, attn.heads) for part in _shared_projections(attn, normed))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    output = _one_way_attention(query, key, value, image, attention).to(query.dtype)
+    joined = torch.cat([output.transpose(1, 2).flatten(2), mlp], dim=2)
+    states = states + gate.unsqueeze(1) * block.proj_out(joined)
+    if states.dtype == torch.float16:
+        states = states.clip(-65504, 65504)
+    return BlockStep(key, output, states)
