@@ -75,6 +75,7 @@ class Backbone:
     default_encoder = "clip"         # whose tokens word maps use unless told otherwise
     encoders: tuple[str, ...] = ("clip",)  # the encoders whose tokens are keys
     separate_cfg_passes = False      # True: guidance runs the denoiser again for the negative prompt
+    batch_inputs: tuple[str, ...] = ()  # denoiser forward kwargs with a batch dimension (rows picked by A&E)
     plain_processors: frozenset[str] = frozenset()
 
     def __init__(self, model):

@@ -39,6 +39,7 @@ class FluxBackbone(Backbone):
     separate_cfg_passes = True
     plain_processors = frozenset({"FluxAttnProcessor"})
     encoders = ("t5",)  # CLIP only gives Flux its pooled vector
+    batch_inputs = ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states")
 
     def __init__(self, model):
         super().__init__(model)

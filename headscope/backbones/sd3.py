@@ -29,6 +29,7 @@ class SD3Backbone(Backbone):
     description = "SD3Transformer2DModel (SD3 / SD3.5)"
     plain_processors = frozenset({"JointAttnProcessor2_0"})
     encoders = ("clip", "t5")
+    batch_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
     @classmethod
     def accepts(cls, model) -> bool:

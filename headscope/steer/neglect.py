@@ -34,8 +34,9 @@ Differences from the reference implementations, on purpose: the Gaussian kernel 
 (the reference code's `exp(-((x - m) / (2 sigma)) ** 2)` is a Gaussian of sigma * sqrt(2)); maps
 are taken at the resolution asked for on any model (diffusers hard-codes 16x16); A&E-HRV downsamples
 with area averaging instead of a Gaussian blur + bicubic; several images and prompts are refined in
-one batch (each image's loss only moves its own latent). SD 1.x / 2.x pipelines only (no SDXL; SD3
-and Flux take (c) only).
+one batch (each image's loss only moves its own latent). SD 1.x / 2.x pipelines (no SDXL); on SD3
+and Flux `AttendAndExcite` is `headscope.steer.joint_excite.JointAttendAndExcite` (maps of the joint
+attention's image-query x text-key block; latents updated inside the pipeline's own transformer call).
 """
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from headscope.backbones import backbone_for, denoiser_of
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex, resolution_at
-from headscope.processor import BatchLayout, Hook, HookContext
+from headscope.processor import BatchLayout
+from headscope.steer.excite_maps import _gaussian_kernel, _MapCollector, _WriteOnly
 from headscope.steer.scale import resolve_hrv, steering, tokenize_prompts
 from headscope.steer.subjects import _describe, _heads, find_subjects
 from headscope.steps import StepWindow
@@ -87,11 +90,18 @@ class AttendAndExcite:
     over images), the loss at each refinement iteration, the step size.
     """
 
+    def __new__(cls, pipe, *args, **kwargs):
+        if cls is AttendAndExcite and backbone_for(pipe).family != "unet":  # SD3 / Flux: the joint-attention version
+            from headscope.steer.joint_excite import JointAttendAndExcite
+
+            cls = JointAttendAndExcite
+        return super().__new__(cls)
+
     def __init__(self, pipe, prompt, subjects=None, *, weighted: bool = False, hrv=None, level: int | None = None,
                  steps=AE_WINDOW, thresholds: dict | None = None, scale_factor: float = AE_SCALE_FACTOR,
                  scale_range: tuple[float, float] = AE_SCALE_RANGE, max_refinement_steps: int = AE_MAX_REFINEMENT,
                  smooth: bool = True, sigma: float = 0.5, kernel_size: int = 3, normalize_eot: bool = False):
-        _check_sd_pipeline(pipe)
+        self._check(pipe)
         self.pipe, self.prompt, self.weighted = pipe, prompt, weighted
         self.index = HeadIndex.from_model(pipe)
         hrv = resolve_hrv(pipe, hrv) if weighted else None
@@ -122,6 +132,9 @@ class AttendAndExcite:
         self._embeds: torch.Tensor | None = None
         self._images_per_prompt = 1
         self._refinement_losses: list[float] = []
+
+    def _check(self, pipe) -> None:
+        _check_sd_pipeline(pipe)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -207,7 +220,7 @@ class AttendAndExcite:
             self._refinement_losses.append(losses.detach().max().item())
             if bool((losses > 0).any()):
                 gradient = torch.autograd.grad(losses.sum(), [latents])[0]
-                latents = latents - step_size * gradient * active[:, None, None, None]
+                latents = latents - step_size * gradient * active.view(-1, *[1] * (latents.ndim - 1))
             active = active & (losses.detach() > target)
         latents = latents.detach().requires_grad_(True)
         return latents, self._losses(latents, timestep, step, n_steps)
@@ -235,23 +248,32 @@ class AttendAndExcite:
 
     def _subject_maps(self, latents, timestep, step, n_steps) -> torch.Tensor:
         """Renormalised text-token maps of each subject: [images, subjects, h, w]."""
-        collector = self._collector(latents.shape[-2:])
+        collector = self._collector(self._trace.hooks.state.latent_hw if latents.ndim == 3 else latents.shape[-2:])
         with self._side_pass(collector, step, n_steps, latents):
-            model_input = self.pipe.scheduler.scale_model_input(latents, timestep)
-            self.pipe.unet.forward(model_input.to(self.pipe.unet.dtype), timestep,
-                                   encoder_hidden_states=self._embeds, return_dict=False)
+            self._denoise(latents, timestep)
         token_maps = collector.result()  # [images, subjects or 1, h, w, keys]
         per_image = []
         for image in range(latents.shape[0]):
             tokens = self.tokenizations[image // self._images_per_prompt]
-            last = len(tokens) - 1 if self.normalize_eot else token_maps.shape[-1] - 1
-            text = (token_maps[image, ..., 1:last] * 100).softmax(dim=-1)  # [subjects or 1, h, w, text keys]
+            first, stop = self._text_keys(tokens, token_maps.shape[-1])
+            text = (token_maps[image, ..., first:stop] * 100).softmax(dim=-1)  # [subjects or 1, h, w, text keys]
             subject_maps = []
             for number, subject in enumerate(self.subjects):
-                positions = [position - 1 for position in subject.positions[image // self._images_per_prompt]]
+                positions = [position - first for position in subject.positions[image // self._images_per_prompt]]
                 subject_maps.append(text[number if self.weighted else 0][..., positions].mean(dim=-1))
             per_image.append(torch.stack(subject_maps))
         return torch.stack(per_image)
+
+    def _denoise(self, latents: torch.Tensor, timestep) -> None:
+        """The grad-enabled pass of the conditional rows whose maps the collector reads."""
+        model_input = self.pipe.scheduler.scale_model_input(latents, timestep)
+        self.pipe.unet.forward(model_input.to(self.pipe.unet.dtype), timestep, encoder_hidden_states=self._embeds,
+                               return_dict=False)
+
+    def _text_keys(self, tokens, n_keys: int) -> tuple[int, int]:
+        """[first, stop) of the keys A&E renormalises over: after the start token, before the end token
+        (`normalize_eot`) or the last key (the paper's code)."""
+        return 1, len(tokens) - 1 if self.normalize_eot else n_keys - 1
 
     def _collector(self, latent_hw) -> "_MapCollector":
         size = resolution_at(self.level, tuple(latent_hw))
@@ -268,95 +290,20 @@ class AttendAndExcite:
         saved = (state.step, state.n_steps, state.layout, state.latent_hw, hooks.items)
         state.step, state.n_steps = step, n_steps
         state.layout = BatchLayout(n_images=latents.shape[0], cfg=False, images_per_prompt=self._images_per_prompt)
-        state.latent_hw = tuple(latents.shape[-2:])
+        if latents.ndim == 4:  # packed latents [images, tokens, channels] (Flux) keep the real call's size
+            state.latent_hw = tuple(latents.shape[-2:])
         hooks.items = [_WriteOnly(hook) for hook in saved[4]] + [collector]
         try:
             yield
         finally:
             state.step, state.n_steps, state.layout, state.latent_hw, hooks.items = saved
-            self.pipe.unet.zero_grad(set_to_none=True)
-
-
-class _MapCollector(Hook):
-    """Sums cross-attention maps with their graph: head mean at one level, or HRV-weighted over all heads."""
-
-    def __init__(self, layers: set[int] | None, size: tuple[int, int], weights: torch.Tensor | None):
-        self.layers, self.size, self.weights = layers, size, weights
-        self.total, self.norm = None, 0.0
-
-    def wants_probs(self, ctx: HookContext) -> bool:
-        return self.layers is None or ctx.layer.index in self.layers
-
-    def read(self, ctx: HookContext, probs: torch.Tensor) -> None:
-        """probs: [images, heads, query, keys], grad-enabled."""
-        n_images, heads, _, n_keys = probs.shape
-        height, width = ctx.query_hw
-        maps = probs.view(n_images, heads, height, width, n_keys)
-        if self.weights is None:
-            self._add(maps.sum(dim=1)[:, None], heads)  # [images, 1, h, w, keys]
-            return
-        layer_weights = self.weights[:, ctx.layer.offset:ctx.layer.offset + heads].to(probs)  # [subjects, heads]
-        resized = _resize(maps.permute(0, 1, 4, 2, 3).flatten(0, 1), self.size)  # [images * heads, keys, H, W]
-        resized = resized.view(n_images, heads, n_keys, *self.size)
-        self._add(torch.einsum("sh,nhkyx->nsyxk", layer_weights, resized), layer_weights.sum(dim=1))
-
-    def _add(self, weighted_sum: torch.Tensor, norm) -> None:
-        self.total = weighted_sum if self.total is None else self.total + weighted_sum
-        self.norm = self.norm + norm
-
-    def result(self) -> torch.Tensor:
-        """[images, subjects (1 when unweighted), h, w, keys]: the weighted mean maps."""
-        if self.total is None:
-            raise HeadscopeError("no cross-attention map was collected at the chosen level")
-        norm = self.norm if isinstance(self.norm, float) else self.norm[None, :, None, None, None]
-        return self.total / norm
-
-
-class _WriteOnly(Hook):
-    """A hook seen through its writer methods only (during Attend-and-Excite's extra passes)."""
-
-    def __init__(self, hook: Hook):
-        self.hook, self.rows = hook, hook.rows
-
-    def value_factors(self, ctx):
-        return self.hook.value_factors(ctx)
-
-    def edits_probs(self, ctx):
-        return self.hook.edits_probs(ctx)
-
-    def edit_probs(self, ctx, probs):
-        return self.hook.edit_probs(ctx, probs)
-
-    def self_attention(self, ctx, query, key):
-        return self.hook.self_attention(ctx, query, key)
-
-
-def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[n, c, h, w] -> [n, c, H, W]: area average when shrinking, bicubic when growing."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    if maps.shape[-2] >= size[0] and maps.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(maps, size)
-    return F.interpolate(maps, size=size, mode="bicubic", align_corners=False)
-
-
-def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 2-D Gaussian [1, 1, size, size]."""
-    if size < 1 or size % 2 == 0 or sigma <= 0:
-        raise HeadscopeError(f"Gaussian smoothing needs an odd kernel size and sigma > 0, got {size}, {sigma}")
-    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    line = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = line[:, None] * line[None, :]
-    return (kernel / kernel.sum())[None, None]
+            denoiser_of(self.pipe).zero_grad(set_to_none=True)
 
 
 def _check_sd_pipeline(pipe) -> None:
-    from headscope.backbones import backbone_for
-
     if backbone_for(pipe).family != "unet":
-        raise HeadscopeError(f"Attend-and-Excite here runs on SD 1.x / 2.x pipelines; on {type(pipe).__name__} (joint "
-                             "attention) it is not built yet: use the gradient-free head method (--mitigate-neglect "
-                             "heads)")
+        raise HeadscopeError(f"diffusers' StableDiffusionAttendAndExcitePipeline takes SD 1.x / 2.x pipelines, not "
+                             f"{type(pipe).__name__}")
     if getattr(pipe.unet.config, "addition_embed_type", None) is not None or hasattr(pipe, "text_encoder_2"):
         raise HeadscopeError(f"Attend-and-Excite here supports SD 1.x / 2.x pipelines, not "
                              f"{type(pipe).__name__}; use the gradient-free head method (--mitigate-neglect heads)")
@@ -375,6 +322,7 @@ def diffusers_attend_and_excite(pipe, prompt: str, subjects=None, *, level: int 
     same level as `AttendAndExcite`. Returns its output. Subject words -> their first token each."""
     from diffusers import StableDiffusionAttendAndExcitePipeline
 
+    _check_sd_pipeline(pipe)
     ae = AttendAndExcite(pipe, prompt, subjects, level=level)
     accepted = inspect.signature(StableDiffusionAttendAndExcitePipeline.__init__).parameters
     components = {name: value for name, value in pipe.components.items() if name in accepted}
