@@ -17,6 +17,7 @@ EXAMPLES = """
 Examples:
   headscope hrv build --n-prompts 256 --out shapes.hrv
   headscope hrv build --model path/to/sd-v1-5 --concepts hrv34 --prompts prompts.txt --out sd15.hrv
+  headscope hrv build --model path/to/flux-dev --concepts my-concepts.json --prompts prompts.txt --out flux.hrv
   headscope hrv show shapes.hrv --top 5 --out out/hrv
   headscope hrv import hrv_sd_v1_4_34x128.npy --layout sd15 --out sd14.hrv
   headscope hrv weaken --concept color --seeds 0,1 --out out/weaken-color
@@ -57,7 +58,7 @@ def _word_list(ctx, param, value):
 
 @click.group("hrv", epilog=EXAMPLES)
 def hrv():
-    """Head Relevance Vectors: which cross-attention heads serve which concept."""
+    """Head Relevance Vectors: which text-conditioned attention heads serve which concept (UNet, SD3, Flux)."""
 
 
 # -- build -----------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def build_cmd(model, concept_source, chosen, prompts_file, n_prompts, steps, gui
     """Build an HRV from ordinary generations; resumable, and splits across `accelerate launch` processes."""
     from headscope.concepts import ConceptSet
     from headscope.hrv import HRVBuilder, Processes
-    from headscope.models import is_shapes_model
+    from headscope.models import call_defaults, is_shapes_model
+    from headscope_cli.common import load_model
     from headscope_cli.main import RESUME_HINT
 
     shapes_world = is_shapes_model(model)
@@ -100,10 +102,12 @@ def build_cmd(model, concept_source, chosen, prompts_file, n_prompts, steps, gui
     prompts = load_prompts(prompts_file, n_prompts, seed, embedded=shapes_world)
     with Processes() as processes:
         device = device or processes.device  # under accelerate launch: this process's device
-    pipe = _load(model, device, dtype)
+    pipe = load_model(model, device, dtype)  # any backbone: on SD3 / Flux the concept words ride the text stream
+    pipe.set_progress_bar_config(disable=True)
     partial = out.with_name(out.name + ".partial")
     builder = HRVBuilder(concept_set, soft=soft, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                         partial=partial, save_every=save_every, progress=True)
+                         partial=partial, save_every=save_every, progress=True,
+                         call_options=call_defaults(pipe))
     click.get_current_context().meta[RESUME_HINT] = (f"votes so far are kept in {partial}/; run the same command "
                                                      "again to resume")
     builder.fit(pipe, prompts)
@@ -305,11 +309,3 @@ def weakening_table(summary: list[dict]) -> str:
         lines.append(f"{label:<24}{order:<8}" + "".join(f"{values[k]:>9.3f}" if k in values else f"{'':>9}" for k in ks))
     return "\n".join(lines)
 
-
-def _load(model, device, dtype):
-    from headscope_cli.common import load_model, require_unet
-
-    pipe = load_model(model, device, dtype)
-    require_unet(pipe, "head relevance vectors")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -14,6 +14,16 @@ How an HRV is built (faithful to the paper's code; `HRVBuilder.fit`):
   4. Votes are summed over prompts and steps; each concept's row is L1-normalised over the heads and
      multiplied by the number of heads, so every row has mean 1.
 
+Joint attention (SD3, Flux): there is no fixed text key per layer, since a block's text keys are
+projected from the text stream as it stands in that block. Every word of the set is carried through
+the text stream as concept tokens (`headscope.stream`, as ConceptAttention carries concepts: the
+block's own text-stream weights, one-way attention to [concepts; image], the image untouched), and at
+each block the image queries (after q-norm; RoPE on Flux) are scored against that block's concept keys
+(the text-stream projection and its k-norm; Flux's text positions are 0, where RoPE is the identity),
+with the model's scale 1/sqrt(head_dim); sampling, softmax, means and argmax as in step 3. The keys
+differ per image, so the stream runs during the build. The file records the family ("unet", "sd3",
+"flux") and the head fingerprint; `HRV.check_compatible` refuses another family or layout.
+
 Several processes: `accelerate launch --multi_gpu --num_processes N -m headscope_cli.main hrv build ...`
 (or `torchrun --nproc_per_node N -m headscope_cli.main hrv build ...`) — on a machine without CUDA the
 processes run on CPU and sum over gloo. (`accelerate launch --cpu` starts a single process unless MPI
@@ -35,8 +45,9 @@ from headscope.hrv.file import FORMAT, HRV
 from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, concept_meta, config_hash, default_hrv_path, generation_defaults,
                                 head_meta, is_embedded, model_meta, prompt_seed)
 from headscope.hrv.processes import Processes
-from headscope.hrv.votes import ConceptTokens, ConceptVotes, concept_scores, encode_concepts, project_keys
+from headscope.hrv.votes import (ConceptTokens, ConceptVotes, concept_reader, concept_scores, encode_concepts,
+                                 project_keys)
 
 __all__ = ["BUILD_DEFAULT_COMMAND", "FORMAT", "HRV", "ConceptTokens", "ConceptVotes", "HRVBuilder", "Processes",
-           "concept_meta", "concept_scores", "config_hash", "default_hrv_path", "encode_concepts",
+           "concept_meta", "concept_reader", "concept_scores", "config_hash", "default_hrv_path", "encode_concepts",
            "generation_defaults", "head_meta", "is_embedded", "model_meta", "project_keys", "prompt_seed"]

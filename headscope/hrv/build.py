@@ -14,7 +14,7 @@ from headscope.heads import HeadIndex
 from headscope.hrv.file import HRV
 from headscope.hrv.meta import _version, concept_meta, generation_defaults, head_meta, model_meta, prompt_seed
 from headscope.hrv.processes import Processes
-from headscope.hrv.votes import ConceptVotes, encode_concepts, project_keys
+from headscope.hrv.votes import ConceptVotes, concept_reader
 from headscope.io import atomic_path
 
 
@@ -31,6 +31,8 @@ class HRVBuilder:
         steps, guidance: denoising steps and guidance scale (None: the model's defaults, else the
             paper's 50 steps at 7.5).
         batch_size: prompts per pipeline call (fixed chunks of the prompt list).
+        call_options: further pipeline-call arguments (e.g. an SD3 / Flux model's `max_sequence_length`,
+            `height` / `width`).
         partial: folder for partial vote counts: a rerun with the same arguments resumes from it (it is
             kept after `fit`; `discard_partial()` removes it once the result is saved). None: no files.
         save_every: write partial counts after about this many prompts.
@@ -45,7 +47,7 @@ class HRVBuilder:
 
     def __init__(self, concepts: ConceptSet, *, soft: bool = False, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, batch_size: int = 4, partial: str | Path | None = None,
-                 save_every: int = 32, progress: bool = False):
+                 save_every: int = 32, progress: bool = False, call_options: dict | None = None):
         self.concepts = concepts
         self.soft = soft
         self.seed = seed
@@ -55,27 +57,27 @@ class HRVBuilder:
         self.partial = partial
         self.save_every = save_every
         self.progress = progress
+        self.call_options = call_options
 
     def fit(self, pipe, prompts) -> "HRVBuilder":
         prompts = self._check(prompts)
-        _check_words(pipe, prompts)
+        _check_words(pipe, prompts, self.call_options)
         steps, guidance = generation_defaults(pipe)
         steps = self.steps or steps
         guidance = self.guidance if self.guidance is not None else guidance
-        index = HeadIndex.from_unet(pipe.unet)
-        tokens = encode_concepts(pipe, self.concepts)
-        keys = project_keys(pipe, index, tokens.embeddings)
-        reader = ConceptVotes(tokens, keys, index.n_heads, steps, soft=self.soft, seed=self.seed)
+        index = HeadIndex.from_model(pipe)
+        reader, stream = concept_reader(pipe, index, self.concepts, steps, soft=self.soft, seed=self.seed)
         batches = [list(range(start, min(start + self.batch_size, len(prompts))))
                    for start in range(0, len(prompts), self.batch_size)]
         settings = {"model": model_meta(pipe), "fingerprint": index.fingerprint(),
                     "concepts": self.concepts.hash(), "prompts": _prompts_hash(prompts), "seed": self.seed,
-                    "steps": steps, "guidance": guidance, "soft": self.soft, "batch_size": self.batch_size}
+                    "steps": steps, "guidance": guidance, "soft": self.soft, "batch_size": self.batch_size,
+                    **({"call": self.call_options} if self.call_options else {})}
         with Processes() as processes:
             mine = processes.split(list(range(len(batches))))
             store = _PartialStore(self.partial, settings, processes.rank, processes.world)
             done = store.restore(reader)
-            self._generate(pipe, prompts, batches, [b for b in mine if b not in done], reader, store, done,
+            self._generate(pipe, prompts, batches, [b for b in mine if b not in done], reader, stream, store, done,
                            steps, guidance, processes.is_main)
             step_votes = processes.sum(reader.step_votes)
         self.step_votes_ = step_votes
@@ -87,7 +89,7 @@ class HRVBuilder:
                 "concept_set": concept_meta(self.concepts), "prompts": prompts, "n_prompts": len(prompts),
                 "steps": steps, "guidance": guidance, "seed": self.seed,
                 "scheduler": type(pipe.scheduler).__name__, "soft": self.soft, "batch_size": self.batch_size,
-                "processes": processes.world, "headscope_version": _version()}
+                "processes": processes.world, "call_options": self.call_options, "headscope_version": _version()}
         self.hrv_ = HRV.from_votes(self.votes_, self.concepts.names, meta, step_votes)
         return self
 
@@ -108,14 +110,14 @@ class HRVBuilder:
             raise HeadscopeError(f"steps={self.steps}; use a positive integer")
         return prompts
 
-    def _generate(self, pipe, prompts, batches, todo, reader, store, done, steps, guidance, is_main) -> None:
+    def _generate(self, pipe, prompts, batches, todo, reader, stream, store, done, steps, guidance, is_main) -> None:
         import headscope
         from tqdm.auto import tqdm
 
         every = max(1, self.save_every // self.batch_size)
         total = sum(len(batches[b]) for b in todo)
         with tqdm(total=total, desc="hrv votes", unit="prompt", disable=not (self.progress and is_main)) as bar, \
-                headscope.trace(pipe, hooks=[reader], maps=False):
+                headscope.trace(pipe, hooks=[reader] if stream is None else [], maps=False, concepts=stream):
             for count, batch in enumerate(todo, start=1):
                 self._run_batch(pipe, [prompts[i] for i in batches[batch]], batches[batch], reader, steps, guidance)
                 done.add(batch)
@@ -127,18 +129,19 @@ class HRVBuilder:
     def _run_batch(self, pipe, texts, prompt_indices, reader, steps, guidance) -> None:
         reader.begin(prompt_indices)
         generators = [torch.Generator("cpu").manual_seed(prompt_seed(self.seed, i, "latents")) for i in prompt_indices]
-        pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent")
+        pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent",
+             **(self.call_options or {}))
 
 
-def _check_words(pipe, prompts: list[str]) -> None:
-    """Refuse, before generating anything, a prompt that is too long or has words the model cannot represent."""
-    from headscope.steer.scale import max_length
-    from headscope.tokens import tokenize
+def _check_words(pipe, prompts: list[str], call_options: dict | None) -> None:
+    """Refuse, before generating anything, a prompt that is too long for one of the model's text encoders or
+    has words it cannot represent."""
+    from headscope.prompts import prompt_tokens
 
-    limit = max_length(pipe)
+    lengths = {key: value for key, value in (call_options or {}).items() if key == "max_sequence_length"}
     for number, prompt in enumerate(prompts, start=1):
         try:
-            tokenize(pipe.tokenizer, prompt, limit)
+            prompt_tokens(pipe, prompt, **lengths)
         except HeadscopeError as error:
             raise HeadscopeError(f"prompt {number} ({prompt!r}): {error}") from None
 

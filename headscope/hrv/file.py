@@ -14,9 +14,9 @@ import torch
 from headscope.concepts import ConceptSet
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex, LayerInfo
-from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, PAPER_GUIDANCE, PAPER_STEPS, _replace_folder,
-                                _version, concept_meta, config_hash, default_hrv_path, head_meta,
-                                is_embedded)
+from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, FAMILY_NOUNS, PAPER_GUIDANCE, PAPER_STEPS, _replace_folder,
+                                _version, concept_meta, config_hash, default_hrv_path, family_of,
+                                family_of_kinds, head_meta, is_embedded)
 from headscope.io import atomic_path, umask
 
 FORMAT = "headscope-hrv/1"
@@ -96,17 +96,25 @@ class HRV:
         unit = torch.nn.functional.normalize(self.vectors.double(), dim=1)
         return (unit @ unit.T).float()
 
+    @property
+    def family(self) -> str:
+        """The model family it was built on: "unet", "sd3" or "flux"."""
+        return family_of(self.meta)
+
     def check_compatible(self, index_or_pipe) -> None:
-        """HeadscopeError unless the HRV's head layout is that of `index_or_pipe` (HeadIndex or pipeline)."""
-        index = index_or_pipe if isinstance(index_or_pipe, HeadIndex) else HeadIndex.from_unet(index_or_pipe.unet)
+        """HeadscopeError unless the HRV's family and head layout are those of `index_or_pipe` (HeadIndex or
+        pipeline of any family); the one-line message names both."""
+        index = index_or_pipe if isinstance(index_or_pipe, HeadIndex) else HeadIndex.from_model(index_or_pipe)
         heads = self.meta.get("heads") or {}
-        if heads.get("fingerprint") == index.fingerprint() and self.n_heads == index.n_heads:
+        family, theirs = self.family, family_of_kinds(layer.kind for layer in index.layers)
+        if family == theirs and heads.get("fingerprint") == index.fingerprint() and self.n_heads == index.n_heads:
             return
         model = (self.meta.get("model") or {}).get("name_or_path")
-        raise HeadscopeError(
-            f"HRV built for a UNet with layout {heads.get('fingerprint', '?')} ({self.n_heads} heads"
-            f"{', model ' + model if model else ''}); this pipeline has {index.fingerprint()} ({index.n_heads} heads); "
-            "rebuild with `headscope hrv build --model ...`")
+        built = (f"HRV built for {FAMILY_NOUNS.get(family, family)} with layout {heads.get('fingerprint', '?')} "
+                 f"({self.n_heads} heads{', model ' + model if model else ''})")
+        here = (f"this pipeline has {index.fingerprint()} ({index.n_heads} heads)" if family == theirs else
+                f"this pipeline is {FAMILY_NOUNS[theirs]} with layout {index.fingerprint()} ({index.n_heads} heads)")
+        raise HeadscopeError(f"{built}; {here}; rebuild with `headscope hrv build --model ...`")
 
     # -- files --------------------------------------------------------------------------------
 
@@ -115,7 +123,7 @@ class HRV:
         any other path is a folder with `hrv.safetensors` + `hrv.json`. Never pickled.
 
         Tensors: vectors [concepts, heads] float32, step_votes [steps, concepts, heads] float32 (if any).
-        Metadata: format, concepts, model identity (name_or_path, unet class, config hash), head layout
+        Metadata: format, concepts, model identity (name_or_path, family, denoiser class, config hash), head layout
         and fingerprint, concept set (name, words, hash), prompts, steps, seed, scheduler, soft, version.
         """
         from safetensors.torch import save_file
@@ -224,8 +232,8 @@ class HRV:
             raise HeadscopeError(f"{npy_path} holds non-finite values")
         index = HeadIndex.from_config(spec["config"])
         meta = {"source": f"official HRV array {Path(npy_path).name} (SNU-DRL/HRV, Apache-2.0)",
-                "model": {"name_or_path": spec["model"], "unet_class": "UNet2DConditionModel",
-                          "config_hash": config_hash(spec["config"])},
+                "model": {"name_or_path": spec["model"], "family": "unet", "denoiser_class": "UNet2DConditionModel",
+                          "unet_class": "UNet2DConditionModel", "config_hash": config_hash(spec["config"])},
                 **head_meta(index), "concept_set": concept_meta(concept_set),
                 "prompts": None, "n_prompts": 2100, "steps": PAPER_STEPS, "guidance": PAPER_GUIDANCE,
                 "seed": None, "scheduler": "PNDMScheduler", "soft": False, "headscope_version": _version()}

@@ -39,16 +39,44 @@ def is_embedded(pipe) -> bool:
 # -- metadata helpers ------------------------------------------------------------------------------
 
 def config_hash(config) -> str:
-    """16 hex digits hashing a UNet config (keys starting with "_" left out)."""
+    """16 hex digits hashing a denoiser config (keys starting with "_" left out)."""
     clean = {key: value for key, value in dict(config).items() if not str(key).startswith("_")}
     text = json.dumps(clean, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_meta(pipe) -> dict:
+    """Where the pipeline came from and what its denoiser is: family ("unet", "sd3", "flux"), class, config
+    hash; UNets also keep "unet_class" (files written before joint attention had only that)."""
+    from headscope.backbones import backbone_for
+
+    backbone = backbone_for(pipe)
     source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    return {"name_or_path": "embedded shapes model" if is_embedded(pipe) else (str(source) if source else None),
-            "unet_class": type(pipe.unet).__name__, "config_hash": config_hash(pipe.unet.config)}
+    meta = {"name_or_path": "embedded shapes model" if is_embedded(pipe) else (str(source) if source else None),
+            "family": backbone.family, "denoiser_class": type(backbone.model).__name__,
+            "config_hash": config_hash(backbone.model.config)}
+    if backbone.family == "unet":
+        meta["unet_class"] = meta["denoiser_class"]
+    return meta
+
+
+FAMILY_NOUNS = {"unet": "a UNet", "sd3": "an SD3 transformer", "flux": "a Flux transformer"}
+
+
+def family_of(meta: dict) -> str:
+    """The model family an HRV's metadata names; files from before joint attention were all UNets."""
+    model = meta.get("model") or {}
+    if model.get("family"):
+        return str(model["family"])
+    return family_of_kinds(entry.get("kind", "cross") for entry in (meta.get("heads") or {}).get("layout", []))
+
+
+def family_of_kinds(kinds) -> str:
+    """"unet" for cross-attention layers, "flux" when single-stream layers follow, else "sd3"."""
+    kinds = set(kinds)
+    if kinds <= {"cross"}:
+        return "unet"
+    return "flux" if "single" in kinds else "sd3"
 
 
 def head_meta(index: HeadIndex) -> dict:

@@ -71,6 +71,36 @@ def word_spans(concept_set: ConceptSet, lengths: list[int]) -> list[list[tuple[i
     return spans
 
 
+def concept_reader(pipe, index: HeadIndex, concept_set: ConceptSet, n_steps: int, *, soft: bool = False,
+                   seed: int = 0):
+    """(reader, concept stream or None) voting over `concept_set` on `pipe`, whatever its family.
+
+    UNet: every word encoded alone and projected by each layer's to_k (`encode_concepts`, `project_keys`).
+    SD3 / Flux: a layer's text keys depend on the block, so every word of the set is carried through the
+    text stream (`headscope.stream.ConceptStream`, the words of the trace's default encoder) and each
+    block's concept keys are scored against its image queries. Trace with `concepts=stream` then.
+    """
+    from headscope.backbones import backbone_for
+
+    backbone = backbone_for(pipe)
+    if backbone.family == "unet":
+        tokens = encode_concepts(pipe, concept_set)
+        keys = project_keys(pipe, index, tokens.embeddings)
+        return ConceptVotes(tokens, keys, index.n_heads, n_steps, soft=soft, seed=seed), None
+    from headscope.stream import ConceptStream
+
+    slot = next(slot for slot in backbone.text_slots(pipe, {})
+                if slot.keys and slot.encoder == backbone.default_encoder)
+    concept_set.token_ids(getattr(pipe, slot.tokenizer))  # validates: no empty or unknown word, naming its concept
+    words = [word for concept in concept_set.names for word in concept_set.concepts[concept]]
+    stream = ConceptStream(pipe, words, feature="joint-attention HRVs")
+    lengths = [stop - start for start, stop in stream.spans]
+    tokens = ConceptTokens(embeddings=None, spans=word_spans(concept_set, lengths))
+    reader = ConceptVotes(tokens, None, index.n_heads, n_steps, soft=soft, seed=seed, n_layers=index.n_layers)
+    stream.readers.append(reader)
+    return reader, stream
+
+
 def _encode(pipe, words: list[str]) -> torch.Tensor:
     """Conditional prompt embeddings [len(words), keys, dim] exactly as the pipeline makes them."""
     output = pipe.encode_prompt(prompt=words, device=pipe.device, num_images_per_prompt=1,
@@ -167,7 +197,8 @@ class ConceptVotes(Hook):
         self.n_heads = n_heads
         self.n_words = torch.tensor(tokens.n_words, dtype=torch.float64)
         # Scaling the keys once costs nothing per call; the product is then the logits.
-        self._scaled = None if keys is None else {layer: projected * scale for layer, (projected, scale) in keys.items()}
+        self._scaled = None if keys is None else {layer: projected * scale
+                                                  for layer, (projected, scale) in keys.items()}
         self._votes = torch.zeros(n_steps, self.n_concepts, n_heads, dtype=torch.float64 if soft else torch.int64)
         self._generators: list[torch.Generator] = []
         self._drawn_for: tuple[int, int] | None = None
