@@ -23,7 +23,7 @@ from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite,
                                   generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
-from headscope_cli.maps import from_context, image_options, map_options
+from headscope_cli.maps import concepts_option, from_context, image_options, map_options, write_concept_maps
 from headscope_cli.report import report
 from headscope_cli.shapes import shapes
 from headscope_cli.study import study
@@ -165,9 +165,13 @@ def generate(prompt, with_daam, strengthen, adjust, adjust_clamp, hrv_file, stee
 @click.option("--word", "words", multiple=True, help="Word to map (repeatable; default: every word).")
 @map_options(hrv=True)
 @image_options
-def daam(prompt, words, **options):
-    """Generate PROMPT (or read --image) and draw word maps and per-head grids into --out/maps."""
-    _run(prompt, words=list(words), head_grids=True, **options)
+@concepts_option
+def daam(prompt, words, concepts, **options):
+    """Generate PROMPT (or read --image) and draw word maps and per-head grids into --out/maps.
+
+    SD3 / Flux: --concepts A,B,... also draws ConceptAttention maps (output space) of those concepts.
+    """
+    _run(prompt, words=list(words) or (None if concepts else []), head_grids=True, concepts=concepts, **options)
 
 
 @cli.command(epilog=EXAMPLES)
@@ -212,7 +216,7 @@ def heads_table(index) -> str:
 # -- running a generation ----------------------------------------------------------------------
 
 def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_prompt, num_images, window,
-         out, device, dtype, steer=None):
+         out, device, dtype, steer=None, concepts=None):
     """Load, validate, generate, write everything into a staging folder, then move it into `out`."""
     import torch
 
@@ -236,6 +240,8 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
             tokenization.positions(word)
         maps.check(pipe, words)
     if source is not None:
+        if concepts is not None:
+            raise HeadscopeError("--concepts draws the maps of a generated image; it does not take --image yet")
         source.check(pipe)
     plan = plan_steering(pipe, prompt, **steer) if steer else SteeringPlan()
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, desc="denoising", leave=False)
@@ -244,6 +250,11 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
                 num_images_per_prompt=num_images, generator=generator, **defaults)
     if source is not None:
         tc, images = source.trace(pipe, prompt, steps=steps, seed=seed, window=window)
+    elif concepts is not None:  # daam only: no steering options there
+        from headscope.trace import trace
+
+        with trace(pipe, steps=window, concepts=concepts, maps=words is not None) as tc:
+            images = pipe(prompt, **call).images
     else:
         with plan.running(pipe, record=words is not None, window=window) as (tc, extra):
             images = pipe(prompt, **call, **extra).images
@@ -264,6 +275,11 @@ def _run(prompt, *, words, head_grids, model, seed, steps, guidance, negative_pr
                                 "fingerprint": tc.index.fingerprint()}
             summary["words"], files = _write_maps(stage, tc, images, words, prompt, head_grids, maps.options)
             summary["files"] += files
+        if concepts is not None:
+            summary["heads"] = {"layers": tc.index.n_layers, "heads": tc.index.n_heads,
+                                "fingerprint": tc.index.fingerprint()}
+            summary["concepts"], files = write_concept_maps(stage, tc, images, concepts, prompt)
+            summary["files"] += files
         summary["files"].append("summary.json")
         write_json(stage / "summary.json", summary)
     _report(out, summary["files"])
@@ -274,6 +290,7 @@ def _report(out: Path, files: list[str]) -> None:
     images = [f for f in files if f.startswith("image")]
     grids = [f for f in files if f.startswith("maps/words")]
     overlays = [f for f in files if f.startswith("maps/word-")]
+    concept_maps = [f for f in files if f.startswith("maps/concept-")]
     head_grids = [f for f in files if f.startswith("maps/heads-")]
     click.echo(f"wrote {len(files)} files to {out}/")
     click.echo(f"  image{'s' if len(images) > 1 else ''}: " + ", ".join(str(out / f) for f in images))
@@ -283,6 +300,9 @@ def _report(out: Path, files: list[str]) -> None:
         click.echo(f"  one map per word: {out / 'maps'}/word-*.png ({len(overlays)} files)")
     if head_grids:
         click.echo(f"  layer x head grids: {out / 'maps'}/heads-*.png ({len(head_grids)} files)")
+    if concept_maps:
+        click.echo(f"  one map per concept: {out / 'maps'}/concept-*.png ({len(concept_maps)} files), all of them "
+                   f"in {out / 'maps'}/concepts*.png")
     click.echo(f"  summary: {out / 'summary.json'}")
 
 

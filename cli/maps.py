@@ -215,3 +215,52 @@ class ImageSource:
                 "samples": self.samples if self.samples is not None else images.DEFAULT_SAMPLES,
                 "guidance": 1.0 if self.guidance is None else self.guidance}
 
+
+
+# -- concept maps (ConceptAttention) ---------------------------------------------------------------
+
+def _concept_list(ctx, param, value):
+    if value is None:
+        return None
+    from headscope.maps.concepts import check_concepts
+
+    try:
+        return check_concepts(value.split(","))
+    except HeadscopeError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+concepts_option = click.option(
+    "--concepts", default=None, callback=_concept_list, metavar="A,B,...",
+    help="SD3 / Flux: also draw a ConceptAttention map of each concept (at least two, e.g. "
+         "circle,square,background; need not be in the prompt) into --out/maps/concept-*.png; word maps are "
+         "then drawn only for --word.")
+
+
+def write_concept_maps(stage: Path, tc, images, concepts: list[str], prompt: str) -> tuple[dict, list[str]]:
+    """Per image: one overlay per concept and a grid of all; returns (the summary's "concepts", files written).
+
+    Stats per concept and image: the map's max and mean, and `argmax_share`, the share of pixels where
+    this concept has the highest saliency (the segmentation ConceptAttention's maps give).
+    """
+    from headscope import viz
+    from headscope.maps.concepts import default_layers
+    from headscope_cli.main import _save, _slug
+
+    stats, files = {concept: [] for concept in concepts}, []
+    (stage / "maps").mkdir(exist_ok=True)
+    for image_number, image in enumerate(images):
+        suffix = "" if len(images) == 1 else f"-{image_number}"
+        maps = tc.concept_maps(image=image_number).cpu()  # [concepts, H, W]
+        winners = maps.argmax(dim=0)
+        for row, concept in enumerate(concepts):
+            stats[concept].append({"image": image_number, "max": round(float(maps[row].max()), 6),
+                                   "mean": round(float(maps[row].mean()), 6),
+                                   "argmax_share": round(float((winners == row).float().mean()), 6)})
+            figure = viz.overlay_figure(image, maps[row], word=concept, prompt=prompt, method="ConceptAttention map")
+            files.append(_save(figure, stage, f"maps/concept-{_slug(concept)}{suffix}.png"))
+        grid = viz.word_grid_figure(image, dict(zip(concepts, maps)), prompt=prompt,
+                                    question="Where is each concept (ConceptAttention, output space)")
+        files.append(_save(grid, stage, f"maps/concepts{suffix}.png"))
+    layers = [tc.index.layers[layer].name for layer in default_layers(tc.index)]
+    return {"method": "ConceptAttention (output space)", "layers": layers, "maps": stats}, files

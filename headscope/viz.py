@@ -22,18 +22,19 @@ HEAT_ALPHA = 0.45
 HEAT_LABEL = "attention to the word\n(normalised: 0 = least, 1 = most)"
 
 
-def overlay_figure(image, heat_map: torch.Tensor, *, word: str, prompt: str) -> Figure:
-    """One word's heat map [H, W] over its image, with a title and a colour bar."""
+def overlay_figure(image, heat_map: torch.Tensor, *, word: str, prompt: str, method: str = "DAAM heat map") -> Figure:
+    """One word's heat map [H, W] over its image, with a title ("<method> of <word>") and a colour bar."""
     figure = Figure(figsize=(5.6, 5.0), layout="constrained")
     axes = figure.add_subplot()
     pixels = _as_pixels(image)
     shown = _draw_overlay(axes, pixels, heat_map)
-    axes.set_title(f'DAAM heat map of "{word}"\n' + _wrap(f'prompt: "{prompt}"', 60), fontsize=10)
+    axes.set_title(f'{method} of "{word}"\n' + _wrap(f'prompt: "{prompt}"', 60), fontsize=10)
     figure.colorbar(shown, ax=axes, shrink=0.8, label=HEAT_LABEL)
     return figure
 
 
-def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str) -> Figure:
+def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str,
+                     question: str = "Which pixels attend to each word") -> Figure:
     """The image, then one panel per word with its heat map [H, W] overlaid (each map normalised)."""
     n_panels = 1 + len(word_maps)
     columns = min(4, n_panels)
@@ -52,7 +53,7 @@ def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str) 
         grid[panel // columns][panel % columns].set_visible(False)
     for axes in grid.flat:
         axes.set_axis_off()
-    figure.suptitle(_wrap(f'Which pixels attend to each word — prompt: "{prompt}"', 90), fontsize=11)
+    figure.suptitle(_wrap(f'{question} — prompt: "{prompt}"', 90), fontsize=11)
     if shown is not None:
         figure.colorbar(shown, ax=grid.ravel().tolist(), shrink=0.6, label=HEAT_LABEL)
     return figure

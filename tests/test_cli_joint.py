@@ -74,7 +74,7 @@ def test_an_unknown_model_family_is_one_line_naming_the_supported_ones(sd3_folde
     assert all(name in line for name in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"))
 
 
-@pytest.mark.parametrize("command", [["edit", "a red dog", "a blue dog"], ["hrv", "build", "--n-prompts", "2"]])
+@pytest.mark.parametrize("command", [["edit", "a red dog", "a blue dog"]])
 def test_unet_only_features_refuse_joint_models_in_one_line(flux_folder, tmp_path, command):
     result = invoke(*command, "--model", flux_folder, "--out", tmp_path / "x")
     assert result.exit_code == 2, result.output

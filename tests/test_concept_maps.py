@@ -181,7 +181,8 @@ def test_flux_concept_maps_equal_the_attention_outputs_of_double_and_single_bloc
         assert torch.allclose(got.double(), expected, atol=1e-5), name
         flat = concept_output.float().transpose(1, 2).flatten(2)
         if name.startswith("single"):
-            states = states + gate[:, None] * block.proj_out(torch.cat([flat, block.act_mlp(block.proj_mlp(concept_n))], 2))
+            mlp = block.act_mlp(block.proj_mlp(concept_n))
+            states = states + gate[:, None] * block.proj_out(torch.cat([flat, mlp], 2))
         else:
             states = states + gate_msa[:, None] * attn.to_add_out(flat)
             normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -228,3 +229,53 @@ def test_a_unet_has_no_text_stream_to_carry_concepts(tiny_sd):
     with pytest.raises(HeadscopeError, match="concept maps need a joint-attention model .* this model is a "
                                              r"UNet2DConditionModel \(SD 1.x / 2.x / XL\)"):
         headscope.trace(tiny_sd, concepts=["dog", "cat"])
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd3_folder(tiny_sd3, tmp_path_factory):
+    import json
+
+    folder = tmp_path_factory.mktemp("tiny-sd3-concepts") / "pipeline"
+    tiny_sd3.save_pretrained(folder)
+    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
+    return folder
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from headscope_cli.main import cli
+
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def test_daam_concepts_writes_one_map_per_concept_and_a_figure(sd3_folder, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    result = invoke("daam", PROMPT, "--model", sd3_folder, "--concepts", "giraffe,dog,sky", "--steps", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    written = sorted(path.name for path in (out / "maps").iterdir())
+    assert written == ["concept-dog.png", "concept-giraffe.png", "concept-sky.png", "concepts.png"]  # no word maps
+    summary = json.loads((out / "summary.json").read_text())["concepts"]
+    assert summary["layers"] == ["transformer_blocks.1.attn", "transformer_blocks.2.attn"]
+    shares = [summary["maps"][concept][0]["argmax_share"] for concept in CONCEPTS]
+    assert abs(sum(shares) - 1.0) < 1e-5 and "one map per concept" in result.output
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--concepts", "circle,square"], "concept maps need a joint-attention model (SD3 / SD3.5, Flux), whose blocks "
+                                      "carry a text stream; this model is a UNet2DConditionModel"),
+    (["--concepts", "circle"], "a softmax over the concepts, which over one concept (['circle']) is 1 everywhere"),
+    (["--concepts", "circle,dragon"], "concept 'dragon': 'dragon' is not in this model's vocabulary"),
+])
+def test_daam_concepts_mistakes_are_one_line(arguments, message, tmp_path, monkeypatch):
+    if "dragon" in arguments[1]:  # a word-level vocabulary: the SD3-style shapes architecture
+        from headscope.shapes.mmdit import random_mmdit_pipeline
+
+        monkeypatch.setattr("headscope.models.load_pipeline", lambda *args: random_mmdit_pipeline())
+    result = invoke("daam", "a red circle", *arguments, "--steps", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
