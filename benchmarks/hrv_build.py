@@ -2,16 +2,25 @@
 
     python benchmarks/hrv_build.py --tiny            # the embedded model's architecture, tiny and random
     python benchmarks/hrv_build.py                   # the embedded shapes model
-    python benchmarks/hrv_build.py --model PATH      # any SD 1.x / 2.x / XL pipeline (concepts: hrv34)
+    python benchmarks/hrv_build.py --model PATH      # any SD 1.x / 2.x / XL, SD3 or Flux pipeline (concepts: hrv34)
+    python benchmarks/hrv_build.py --joint sd3,flux  # the embedded model, then small joint-attention models
 
 Throughput: one `HRVBuilder.fit` over N prompts (text encoding and key projection included).
 Overhead: the same prompt and seed generated three ways — plain, traced without hooks, traced with the
-concept-vote reader — interleaved (order rotating each repeat) after a warm-up of each, in one process;
-the medians are compared. Results are printed as a table and written atomically to
-benchmarks/results/hrv_build.json.
+concept-vote reader (on SD3 / Flux: the concept stream carrying every concept word, and the reader) —
+interleaved (order rotating each repeat) after a warm-up of each, in one process; the medians are
+compared. --joint adds, in the same process, small random joint-attention models of the shapes world's
+sizes, with the shapes concepts over the shapes tokenizer (23 one-token words):
+  sd3   the SD3-style shapes architecture (headscope.shapes.mmdit, MMDiTConfig(): 5 joint blocks x 4
+        heads x 32, 16x16 = 256 image tokens, 24 CLIP + 24 T5 text tokens, guidance: an [uncond; cond] batch)
+  flux  a Flux transformer of the same widths: 2 double- + 4 single-stream blocks x 4 heads x 32, 128 px
+        images = 16x16 packed tokens, 24 T5 tokens, guidance embedded (one row per image)
+Results are printed as a table and written atomically to benchmarks/results/hrv_build.json (the main
+model's fields at the top, each joint model's under "joint").
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -19,8 +28,58 @@ import time
 import torch
 
 import harness
+from headscope.backbones import backbone_for
+from headscope.heads import HeadIndex
+from headscope.models import call_defaults
 
 ARMS = ("plain", "traced", "probe")
+JOINT_TEXT = 24  # T5 tokens per prompt, as the shapes MMDiT is trained
+
+
+def small_sd3(side: int = 16):
+    """The SD3-style shapes architecture at its trained size (a side x side token grid), random weights."""
+    from headscope.shapes.mmdit import MMDiTConfig, random_mmdit_pipeline
+
+    return random_mmdit_pipeline(MMDiTConfig(latent_size=side))
+
+
+def small_flux(side: int = 16):
+    """A FluxPipeline of the shapes MMDiT's widths over the shapes tokenizer (random weights); its token grid
+    is set by the call's image size (`joint_call`)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from headscope.shapes.mmdit import MMDiTConfig, _for_sd3, build_clip, build_flow_scheduler, build_t5
+    from headscope.shapes.model import TINY, build_vae
+    from headscope.shapes.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg, tokenizer = MMDiTConfig(), build_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * cfg.latent_channels, num_layers=2, num_single_layers=4,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads, joint_attention_dim=cfg.t5_hidden,
+        pooled_projection_dim=cfg.clip1_hidden, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+    clip = build_clip(cfg.clip1_hidden, cfg.clip1_layers, cfg.clip1_heads, tokenizer)
+    text_encoder = CLIPTextModel(clip.config)
+    pipe = FluxPipeline(scheduler=build_flow_scheduler(cfg), vae=_for_sd3(build_vae(TINY)), text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=build_t5(cfg, tokenizer), tokenizer_2=tokenizer,
+                        transformer=transformer)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+JOINT = {"sd3": ("small SD3-style shapes architecture (random)", small_sd3),
+         "flux": ("small Flux of the shapes widths (random)", small_flux)}
+
+
+def joint_call(family: str, side: int) -> dict:
+    """Pipeline-call options of a small joint model with a side x side grid of image tokens (VAE: 4x per side;
+    SD3 patch 1, Flux packs 2x2 latent pixels per token)."""
+    pixels = 4 * side if family == "sd3" else 8 * side
+    return {"max_sequence_length": JOINT_TEXT, "height": pixels, "width": pixels}
 
 
 def options():
@@ -30,15 +89,51 @@ def options():
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each arm")
+    parser.add_argument("--arm-prompts", type=int, default=1,
+                        help="prompts per generation in the overhead arms (a build generates --batch-size at once)")
+    parser.add_argument("--joint", default=None, type=_families, metavar="sd3,flux",
+                        help="also measure small random joint-attention models (see above), in this process")
+    parser.add_argument("--joint-side", default=[16], type=_sides, metavar="16,32",
+                        help="token-grid sides of the joint models (16: 256 image tokens, the shapes size; 32: 1,024)")
     return parser
+
+
+def _families(value: str) -> list[str]:
+    families = [part.strip() for part in value.split(",") if part.strip()]
+    if not families or any(family not in JOINT for family in families):
+        raise argparse.ArgumentTypeError(f"{value!r}: give sd3, flux or sd3,flux")
+    return families
+
+
+def _sides(value: str) -> list[int]:
+    try:
+        sides = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        sides = []
+    if not sides or any(side < 2 or side % 2 for side in sides):
+        raise argparse.ArgumentTypeError(f"{value!r}: give even token-grid sides, e.g. 16 or 16,32")
+    return sides
 
 
 def measure(args) -> dict:
     pipe, model = harness.load(args)
-    concept_set, prompts = concepts_and_prompts(args)
-    throughput = time_build(pipe, concept_set, prompts, args)
-    overhead = time_arms(pipe, concept_set, prompts[0], args)
-    result = {"model": model, **harness.machine(pipe), "concepts": concept_set.name,
+    result = measure_one(pipe, model, concepts_and_prompts(args), call_defaults(pipe), args)
+    if args.joint:
+        shapes = concepts_and_prompts(args, shapes=True)
+        result["joint"] = [measure_one(JOINT[family][1](side), f"{JOINT[family][0]}, {side}x{side} image tokens",
+                                       shapes, joint_call(family, side), args)
+                           for side in args.joint_side for family in args.joint]
+        print(side_by_side([result, *result["joint"]]))
+    return result
+
+
+def measure_one(pipe, model: str, concepts_prompts, call: dict, args) -> dict:
+    concept_set, prompts = concepts_prompts
+    throughput = time_build(pipe, concept_set, prompts, call, args)
+    overhead = time_arms(pipe, concept_set, prompts[:args.arm_prompts], call, args)
+    index = HeadIndex.from_model(pipe)
+    result = {"model": model, **harness.machine(pipe), "family": backbone_for(pipe).family,
+              "heads": index.n_heads, "layers": index.n_layers, "call_options": call, "concepts": concept_set.name,
               "n_concepts": len(concept_set), "n_words": sum(len(words) for words in concept_set.concepts.values()),
               "steps": args.steps, "batch_size": args.batch_size, **throughput, **overhead}
     print(table(result))
@@ -49,13 +144,14 @@ def main(argv=None) -> int:
     return harness.run(measure, options(), argv)
 
 
-def concepts_and_prompts(args):
-    """The concept set and the prompts of the build: the paper's for --model, else shapes captions."""
+def concepts_and_prompts(args, shapes: bool = False):
+    """The concept set and the prompts of the build: the paper's for --model, else (or `shapes`) shapes captions."""
     from headscope.concepts import ConceptSet
     from headscope.shapes.world import SceneSampler
 
-    concept_set = ConceptSet.load(args.concepts or ("hrv34" if args.model else "shapes"))
-    if args.model:
+    paper = args.model and not shapes
+    concept_set = ConceptSet.load("shapes" if shapes else args.concepts or ("hrv34" if paper else "shapes"))
+    if paper:
         from headscope.concepts import shipped_text
 
         prompts = [line for line in shipped_text("hrv_prompts_2100.txt").splitlines() if line.strip()]
@@ -65,35 +161,34 @@ def concepts_and_prompts(args):
     return concept_set, prompts[:args.n_prompts]
 
 
-def time_build(pipe, concept_set, prompts, args) -> dict:
+def time_build(pipe, concept_set, prompts, call: dict, args) -> dict:
     from headscope.hrv import HRVBuilder
 
     start = time.perf_counter()
-    HRVBuilder(concept_set, steps=args.steps, batch_size=args.batch_size).fit(pipe, prompts)
+    HRVBuilder(concept_set, steps=args.steps, batch_size=args.batch_size, call_options=call).fit(pipe, prompts)
     seconds = time.perf_counter() - start
     return {"n_prompts": len(prompts), "build_seconds": round(seconds, 3),
             "prompts_per_minute": round(60.0 * len(prompts) / seconds, 2)}
 
 
-def time_arms(pipe, concept_set, prompt: str, args) -> dict:
-    """Median seconds of one generation per arm, interleaved; the probe's reader is built once."""
+def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) -> dict:
+    """Median seconds of one generation per arm, interleaved; the probe's reader (and stream) are built once."""
     import headscope
-    from headscope.heads import HeadIndex
-    from headscope.hrv import ConceptVotes, encode_concepts, project_keys
+    from headscope.hrv import concept_reader
 
-    index = HeadIndex.from_unet(pipe.unet)
-    tokens = encode_concepts(pipe, concept_set)
-    reader = ConceptVotes(tokens, project_keys(pipe, index, tokens.embeddings), index.n_heads, args.steps)
+    index = HeadIndex.from_model(pipe)
+    reader, stream = concept_reader(pipe, index, concept_set, args.steps)
+    probe = {"hooks": [reader]} if stream is None else {"hooks": [], "concepts": stream}
 
     def run(arm: str) -> float:
         generator = torch.Generator("cpu").manual_seed(0)
-        call = dict(num_inference_steps=args.steps, generator=generator, output_type="latent")
+        call = dict(num_inference_steps=args.steps, generator=generator, output_type="latent", **call_options)
         start = time.perf_counter()
         if arm == "plain":
             pipe(prompt, **call)
         else:
-            reader.begin([0])
-            with headscope.trace(pipe, hooks=[reader] if arm == "probe" else [], maps=False):
+            reader.begin(list(range(len(prompt))))
+            with headscope.trace(pipe, maps=False, **(probe if arm == "probe" else {"hooks": []})):
                 pipe(prompt, **call)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -110,7 +205,15 @@ def time_arms(pipe, concept_set, prompt: str, args) -> dict:
     return {"median_seconds": {arm: round(value, 4) for arm, value in medians.items()},
             "probe_over_plain": round(medians["probe"] / medians["plain"], 3),
             "traced_over_plain": round(medians["traced"] / medians["plain"], 3),
-            "repeats": args.repeats}
+            "repeats": args.repeats, "arm_prompts": len(prompt)}
+
+
+def side_by_side(results: list[dict]) -> str:
+    """One row per model: heads, seconds per generation plain, and the traced / probe ratios."""
+    rows = [(entry["model"][:72], entry["family"], entry["heads"], entry["median_seconds"]["plain"],
+             entry["traced_over_plain"], entry["probe_over_plain"]) for entry in results]
+    return "\n" + harness.table(rows, ["model", "family", "heads", "plain s", "traced / plain", "probe / plain"],
+                                digits=3, left=2)
 
 
 def table(result: dict) -> str:
@@ -120,7 +223,8 @@ def table(result: dict) -> str:
             ("steps, batch", f"{result['steps']}, {result['batch_size']}"),
             ("build", f"{result['n_prompts']} prompts in {result['build_seconds']} s"),
             ("prompts per minute", f"{result['prompts_per_minute']}"),
-            ("generation, plain", f"{medians['plain']:.4f} s (median of {result['repeats']})"),
+            ("generation, plain", f"{medians['plain']:.4f} s (median of {result['repeats']}, "
+                                  f"{result['arm_prompts']} prompt(s))"),
             ("generation, traced (no hook)", f"{medians['traced']:.4f} s  x{result['traced_over_plain']}"),
             ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}")]
     width = max(len(name) for name, _ in rows)

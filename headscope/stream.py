@@ -50,7 +50,8 @@ class ConceptBlock:
     image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux).
     image_output: [rows, heads, L_img, head_dim], their attention output before the output projection.
     concept_key: [rows, heads, tokens, head_dim], the concept tokens' keys (text-stream projection, k-norm).
-    concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection.
+    concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
+        (None in the last block when no reader has `needs_outputs`: nothing comes after it).
     """
 
     image_query: torch.Tensor
@@ -64,8 +65,8 @@ class ConceptStream(Hook):
 
     Give it to `headscope.trace(pipe, concepts=stream)` (or pass a word list there, which builds one with a
     concept-map reader). Attributes: `entries`, `spans` (per entry, (start, stop) among the stream's
-    tokens), `n_tokens`, `readers` (objects with `read_concepts(ctx, ConceptBlock)` and optionally
-    `start_call(state)`). HeadscopeError on a UNet (no text stream), an unknown word, an empty entry.
+    tokens), `n_tokens`, `readers` (objects with `read_concepts(ctx, ConceptBlock)`, optionally
+    `start_call(state)`, and `needs_outputs = False` when they read only keys and queries). HeadscopeError on a UNet (no text stream), an unknown word, an empty entry.
     """
 
     rows = "cond"
@@ -150,7 +151,10 @@ class ConceptStream(Hook):
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
         image = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
                              output=tensors.output[rows])
-        result = step(block, states, temb[rows], image, self._attention(block))
+        # After the last block nothing needs the states; its outputs only a reader that asks for them.
+        carry = layer != self.index.layers[-1].index or any(getattr(reader, "needs_outputs", True)
+                                                            for reader in self.readers)
+        result = step(block, states, temb[rows], image, carry)
         self._states = result.states
         record = ConceptBlock(image_query=image.query, image_output=image.output, concept_key=result.concept_key,
                               concept_output=result.concept_output)
@@ -164,16 +168,6 @@ class ConceptStream(Hook):
         if self._initial is None:
             self.prepare({})
         return self._initial.expand(n_rows, -1, -1)
-
-    def _attention(self, block):
-        """Flux: the attention call its processor makes (diffusers' dispatch, the user's backend); SD3: None (SDPA)."""
-        if self.backbone.family != "flux":
-            return None
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        processor = block.attn.processor
-        return partial(dispatch_attention_fn, backend=getattr(processor, "_attention_backend", None),
-                       parallel_config=getattr(processor, "_parallel_config", None))
 
     @torch.no_grad()
     def _encode(self, max_sequence_length) -> torch.Tensor:

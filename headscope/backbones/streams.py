@@ -13,7 +13,8 @@ image is untouched. One function per kind of block; each takes
 
 and returns a `BlockStep`: the concept keys, the concept attention output before the output
 projection (both [rows, heads, tokens, head_dim]) and the states leaving the block (None after SD3's
-last, `context_pre_only` block, whose text outputs the model drops).
+last, `context_pre_only` block, whose text outputs the model drops). With `carry=False` (the last
+block, when no reader wants the outputs) only the keys are computed: output and states are None.
 
 Flux applies RoPE after joining text and image; its text ids are all zeros (`FluxPipeline` builds
 `txt_ids` as zeros), and at position 0 the rotation is the identity (cos 0 = 1, sin 0 = 0), so concept
@@ -33,7 +34,7 @@ class BlockStep:
     """concept_key, concept_output: [rows, heads, tokens, head_dim]; states: [rows, tokens, dim] or None."""
 
     concept_key: torch.Tensor
-    concept_output: torch.Tensor
+    concept_output: torch.Tensor | None
     states: torch.Tensor | None
 
 
@@ -48,20 +49,19 @@ def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _one_way_attention(query, key, value, image, attention=None) -> torch.Tensor:
+def _one_way_attention(query, key, value, image) -> torch.Tensor:
     """Concept queries over [concept keys; image keys] and their values: [rows, heads, tokens, head_dim].
 
-    attention(q, k, v) in Flux's [rows, tokens, heads, head_dim] layout when given (the model's own
-    dispatch); else SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it.
+    PyTorch's SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it, for Flux too: Flux's
+    default dispatch backend is that same call (a user's flash / sage backend would only change the
+    kernel, and this attention is off the image's path).
     """
     keys = torch.cat([key, image.key], dim=2)
     values = torch.cat([value, image.value], dim=2)
-    if attention is None:
-        return F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
-    return attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
 
 
-def sd3_joint_step(block, states, temb, image, attention=None) -> BlockStep:
+def sd3_joint_step(block, states, temb, image, carry: bool = True) -> BlockStep:
     """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
     norm2_context, ff_context), with the concept tokens as the context."""
     attn = block.attn
@@ -69,13 +69,15 @@ def sd3_joint_step(block, states, temb, image, attention=None) -> BlockStep:
         normed = block.norm1_context(states, temb)
     else:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
-    query = _heads(attn.add_q_proj(normed), attn.heads)
     key = _heads(attn.add_k_proj(normed), attn.heads)
+    if attn.norm_added_k is not None:
+        key = attn.norm_added_k(key)
+    if not carry:
+        return BlockStep(key, None, None)
+    query = _heads(attn.add_q_proj(normed), attn.heads)
     value = _heads(attn.add_v_proj(normed), attn.heads)
     if attn.norm_added_q is not None:
         query = attn.norm_added_q(query)
-    if attn.norm_added_k is not None:
-        key = attn.norm_added_k(key)
     output = _one_way_attention(query, key, value, image).to(query.dtype)
     if block.context_pre_only:
         return BlockStep(key, output, None)
@@ -99,15 +101,19 @@ def _shared_projections(attn, normed):
     return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
 
 
-def flux_double_step(block, states, temb, image, attention) -> BlockStep:
+def flux_double_step(block, states, temb, image, carry: bool = True) -> BlockStep:
     """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
     norm2_context, ff_context) with the concept tokens as the text."""
     attn = block.attn
     normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
+    if not carry and not getattr(attn, "fused_projections", False):
+        return BlockStep(attn.norm_added_k(_heads(attn.add_k_proj(normed), attn.heads)), None, None)
     query, key, value = (_heads(part, attn.heads) for part in _added_projections(attn, normed))
     # The norms act on the last dimension, so the heads-first layout gives what [rows, tokens, heads, d] gives.
     query, key = attn.norm_added_q(query), attn.norm_added_k(key)
-    output = _one_way_attention(query, key, value, image, attention).to(query.dtype)
+    if not carry:
+        return BlockStep(key, None, None)
+    output = _one_way_attention(query, key, value, image).to(query.dtype)
     states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
     normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
@@ -116,15 +122,19 @@ def flux_double_step(block, states, temb, image, attention) -> BlockStep:
     return BlockStep(key, output, states)
 
 
-def flux_single_step(block, states, temb, image, attention) -> BlockStep:
+def flux_single_step(block, states, temb, image, carry: bool = True) -> BlockStep:
     """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
     the MLP branch side by side, proj_out of both, gate, residual."""
     attn = block.attn
     normed, gate = block.norm(states, emb=temb)
-    mlp = block.act_mlp(block.proj_mlp(normed))
+    if not carry and not getattr(attn, "fused_projections", False):
+        return BlockStep(attn.norm_k(_heads(attn.to_k(normed), attn.heads)), None, None)
     query, key, value = (_heads(part, attn.heads) for part in _shared_projections(attn, normed))
     query, key = attn.norm_q(query), attn.norm_k(key)
-    output = _one_way_attention(query, key, value, image, attention).to(query.dtype)
+    if not carry:
+        return BlockStep(key, None, None)
+    mlp = block.act_mlp(block.proj_mlp(normed))
+    output = _one_way_attention(query, key, value, image).to(query.dtype)
     joined = torch.cat([output.transpose(1, 2).flatten(2), mlp], dim=2)
     states = states + gate.unsqueeze(1) * block.proj_out(joined)
     if states.dtype == torch.float16:

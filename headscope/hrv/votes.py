@@ -152,6 +152,8 @@ def _gather_keys(keys: torch.Tensor, flat_positions: torch.Tensor) -> torch.Tens
         if flat_positions.shape[0] == 1:
             return keys.index_select(1, flat_positions[0])[None]
         return keys[:, flat_positions].transpose(0, 1)
+    if keys.shape[0] == 1:
+        return keys[0].index_select(1, flat_positions[0])[None]
     rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
     return keys[rows, :, flat_positions].transpose(1, 2)  # advanced indices first: [rows, sampled, heads, d]
 
@@ -188,6 +190,7 @@ class ConceptVotes(Hook):
     """
 
     rows = "cond"
+    needs_outputs = False  # of the concept stream: keys and queries are enough
 
     def __init__(self, tokens: ConceptTokens, keys: dict | None, n_heads: int, n_steps: int, *, soft: bool = False,
                  seed: int = 0, n_layers: int | None = None):
