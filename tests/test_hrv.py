@@ -92,6 +92,12 @@ def test_votes_of_one_layer_call_match_a_hand_computed_softmax(tiny_sd):
         assert torch.equal(reader.step_votes[0][:, layer.offset:layer.offset + layer.heads], expected), layer.name
 
 
+def test_scoring_every_layer_call_at_once_gives_the_votes_of_scoring_per_step(tiny_sd, built, monkeypatch):
+    monkeypatch.setattr("headscope.hrv.votes.VOTE_BUDGET_BYTES", 0)  # no query kept past its own call
+    again = HRVBuilder(CONCEPTS, steps=STEPS, batch_size=2, seed=3).fit(tiny_sd, PROMPTS)
+    assert torch.equal(again.step_votes_, built.step_votes_)
+
+
 def test_soft_votes_add_mean_probabilities_instead_of_argmax_votes(tiny_sd):
     soft = HRVBuilder(CONCEPTS, soft=True, steps=STEPS, seed=3).fit(tiny_sd, PROMPTS[:2])
     assert soft.step_votes_.dtype == torch.float64

@@ -90,6 +90,13 @@ def test_votes_of_one_step_match_a_softmax_over_the_blocks_concept_keys(family, 
         assert torch.equal(reader.step_votes[0][:, layer.head_ids.start:layer.head_ids.stop], expected), layer.name
 
 
+def test_scoring_at_every_layer_call_gives_the_votes_of_scoring_per_step(joint, monkeypatch):
+    pipe, builder = joint
+    monkeypatch.setattr("headscope.hrv.votes.VOTE_BUDGET_BYTES", 0)  # every kept query is scored at once
+    again = HRVBuilder(CONCEPTS, steps=STEPS, batch_size=2, seed=3, call_options=CALL).fit(pipe, PROMPTS)
+    assert torch.equal(again.step_votes_, builder.step_votes_)
+
+
 @pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
 def test_building_does_not_change_the_generated_image(family, request):
     pipe = request.getfixturevalue(family)
