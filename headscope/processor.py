@@ -35,7 +35,7 @@ Hooks run in the order given. `ctx` is a `HookContext`: layer, pipeline call, de
 batch layout (which rows are conditional and which image they belong to), latent, query and key size.
 
 Self-attention (opt-in) — self-attention modules keep diffusers' processor unless a caller installs
-`SelfAttentionProcessor`s with `headscope.backbones.unet.self_attention_processors(unet, hooks)` (prompt-to-prompt editing
+`headscope.backbones.unet.SelfAttentionProcessor`s with `self_attention_processors(unet, hooks)` (prompt-to-prompt editing
 does). Their hooks are the same `Hooks`; `Hook.self_attention(ctx, query, key)` sees the layer's
 queries and keys `[batch, heads, tokens, head_dim]` and may return replacements: the layer then
 attends with softmax(q' k'^T) over its own values, in fused SDPA (no map materialised). Readers and
@@ -292,25 +292,6 @@ class HeadProcessor:
                 return height, width
         side = math.isqrt(n_query)
         return (side, side) if side * side == n_query else (1, n_query)
-
-
-class SelfAttentionProcessor(HeadProcessor):
-    """Processor for one self-attention layer: AttnProcessor2_0's maths; hooks may swap queries and keys.
-
-    `layer` describes the self-attention module (its own execution index and flat head ids, see
-    `self_attention_layers`). Only `Hook.self_attention` is called here.
-    """
-
-    is_cross = False
-
-    def _attend(self, attn, query, key, value, attention_mask, ctx: HookContext) -> torch.Tensor:
-        for hook in self.hooks.items:
-            replaced = hook.self_attention(ctx, query, key)
-            if replaced is not None:
-                query, key = replaced
-        extra = {} if attn.scale_qk else {"scale": attn.scale}
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                              dropout_p=0.0, is_causal=False, **extra)
 
 
 def attention_probs(attn, query: torch.Tensor, key: torch.Tensor,

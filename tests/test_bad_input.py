@@ -173,7 +173,7 @@ CASES = [
     ("unknown-word-daam", ["daam", "a red dragon", "--word", "red", "--out", "{out}", "--steps", "1"],
      "--allow-unknown-words"),
     ("unknown-word-negative-prompt", ["generate", "a red circle", "--negative-prompt", "a castle", "--out", "{out}"],
-     f"'castle' is not in this model's vocabulary"),
+     "'castle' is not in this model's vocabulary"),
     ("unknown-word-edit", ["edit", "a red circle", "a red dragon", "--out", "{out}"], VOCABULARY),
     ("unknown-word-hrv-prompts", ["hrv", "build", "--prompts", "{files}/dragon.txt", "--out", "{hrv_out}"],
      "prompt 2 ('a red dragon'): 'dragon' is not in this model's vocabulary"),

@@ -124,8 +124,7 @@ def test_bad_edit_options_are_headscope_errors(tiny_sd, options, message):
 
 def test_self_attention_processors_compute_diffusers_attention_bitwise_and_restore(tiny_sd):
     from headscope import trace
-    from headscope.backbones.unet import self_attention_processors
-    from headscope.processor import SelfAttentionProcessor
+    from headscope.backbones.unet import SelfAttentionProcessor, self_attention_processors
 
     generator = torch.Generator().manual_seed(0)
     plain = tiny_sd("a red circle", num_inference_steps=2, generator=generator, output_type="latent").images

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+import torch.nn.functional as F
+
 from headscope.backbones.base import Backbone, DenoiserCall, TextSlot, head_dim
 from headscope.errors import HeadscopeError
 from headscope.heads import LayerInfo, resolution_at
-from headscope.processor import HeadProcessor, Hooks, SelfAttentionProcessor
+from headscope.processor import HeadProcessor, HookContext, Hooks
 
 # Processors that compute plain softmax attention; HeadProcessor and SelfAttentionProcessor do the same maths.
 # Others (IP-Adapter, custom ones) do more, and silently replacing them would change the model.
@@ -84,6 +87,25 @@ def self_attention_layers(unet, latent_hw: tuple[int, int] | None = None) -> lis
                                         resolution=resolution_at(level, latent_hw)))
                 offset += attn.heads
     return layers
+
+
+class SelfAttentionProcessor(HeadProcessor):
+    """Processor for one self-attention layer: AttnProcessor2_0's maths; hooks may swap queries and keys.
+
+    `layer` describes the self-attention module (its own execution index and flat head ids, see
+    `self_attention_layers`). Only `Hook.self_attention` is called here.
+    """
+
+    is_cross = False
+
+    def _attend(self, attn, query, key, value, attention_mask, ctx: HookContext) -> torch.Tensor:
+        for hook in self.hooks.items:
+            replaced = hook.self_attention(ctx, query, key)
+            if replaced is not None:
+                query, key = replaced
+        extra = {} if attn.scale_qk else {"scale": attn.scale}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                              dropout_p=0.0, is_causal=False, **extra)
 
 
 @contextmanager
