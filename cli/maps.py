@@ -94,7 +94,8 @@ def from_context(*, words, steer, guidance, num_images, negative_prompt):
     spec = MapSpec(method=given.get("method") or "daam", concept=given.get("concept"), top_k=given.get("top_k"),
                    hrv_file=given.get("hrv_file"), heads=given.get("heads"))
     if words is None and (given.get("method") or spec.concept or spec.top_k or spec.heads):
-        raise HeadscopeError("--method, --concept, --top-k and --heads choose how word maps are drawn; add --daam")
+        fix = "add --word W" if click.get_current_context().info_name == "daam" else "add --daam"
+        raise HeadscopeError(f"--method, --concept, --top-k and --heads choose how word maps are drawn; {fix}")
     if steer and spec.method != "daam" and steer.get("hrv_file"):
         spec.hrv_file = steer["hrv_file"]
         steering_needs_hrv = bool(steer["strengthen"] or steer["adjust"]) or steer["neglect"] in ("ae-hrv", "heads")
