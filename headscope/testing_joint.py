@@ -119,3 +119,21 @@ def generate_joint(pipe, prompt, *, seed: int = 0, steps: int = 2, height: int =
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pt", height=height,
                 width=width, max_sequence_length=max_sequence_length, **options).images
+
+
+class FirstCallInputs:
+    """Forward pre-hooks keeping the keyword inputs of some modules at their first call: `seen[name]`."""
+
+    def __init__(self, model, names):
+        self.seen = {}
+        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._keeper(name), with_kwargs=True)
+                        for name in names]
+
+    def _keeper(self, name):
+        def keep(module, args, kwargs):
+            self.seen.setdefault(name, kwargs)
+        return keep
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()

@@ -6,28 +6,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 import headscope
 from headscope import HeadscopeError
-from headscope.testing_joint import generate_joint
+from headscope.testing_joint import FirstCallInputs, generate_joint
 
 PROMPT = "a red giraffe and a dog"
 CONCEPTS = ["giraffe", "dog", "sky"]  # "giraffe" is two tokens in both tokenizers
-
-
-class BlockInputs:
-    """Forward pre-hooks keeping the keyword inputs of some blocks at their first call (step 0)."""
-
-    def __init__(self, model, names):
-        self.seen = {}
-        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._keeper(name), with_kwargs=True)
-                        for name in names]
-
-    def _keeper(self, name):
-        def keep(module, args, kwargs):
-            self.seen.setdefault(name, kwargs)
-        return keep
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def heads(tensor, n_heads):
@@ -68,7 +50,7 @@ def spans_of(pipe, positions_of):
 
 
 def traced(pipe, names, steps=2):
-    recorder = BlockInputs(pipe.transformer, names)
+    recorder = FirstCallInputs(pipe.transformer, names)
     try:
         with headscope.trace(pipe, concepts=CONCEPTS, keep_steps=True) as tc:
             generate_joint(pipe, PROMPT, steps=steps)

@@ -8,7 +8,7 @@ import headscope
 from headscope import HeadscopeError
 from headscope.joint import renormalised_over_text, text_key_probs
 from headscope.processor import HeadProcessor, Hook
-from headscope.testing_joint import generate_joint
+from headscope.testing_joint import FirstCallInputs, generate_joint
 
 PROMPT = "a red giraffe and a dog"
 
@@ -26,24 +26,6 @@ class Recorder(Hook):
 
     def read(self, ctx, probs):
         self.probs[ctx.layer.name] = probs.clone()
-
-
-class Inputs:
-    """Forward pre-hooks keeping the first call's keyword inputs of some attention modules."""
-
-    def __init__(self, model, names):
-        self.seen = {}
-        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._keeper(name), with_kwargs=True)
-                        for name in names]
-
-    def _keeper(self, name):
-        def keep(module, args, kwargs):
-            self.seen.setdefault(name, kwargs)
-        return keep
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def split_heads(tensor, heads):
@@ -138,7 +120,7 @@ def test_sd35_image_only_attn2_keeps_its_processor(tiny_sd3):
 
 def test_sd3_joint_block_map_equals_a_softmax_over_all_keys(tiny_sd3):
     recorder, name = Recorder(), "transformer_blocks.1.attn"
-    inputs = Inputs(tiny_sd3.transformer, [name])
+    inputs = FirstCallInputs(tiny_sd3.transformer, [name])
     try:
         with headscope.trace(tiny_sd3, hooks=[recorder]):
             generate_joint(tiny_sd3, PROMPT, guidance_scale=7.0, steps=1)
@@ -156,7 +138,7 @@ def test_sd3_joint_block_map_equals_a_softmax_over_all_keys(tiny_sd3):
 def test_flux_double_and_single_stream_maps_equal_a_softmax_over_all_keys(tiny_flux, name, monkeypatch):
     monkeypatch.setattr("headscope.joint.MAP_BUDGET_BYTES", 512)  # several chunks of image queries
     recorder = Recorder()
-    inputs = Inputs(tiny_flux.transformer, [name])
+    inputs = FirstCallInputs(tiny_flux.transformer, [name])
     try:
         with headscope.trace(tiny_flux, hooks=[recorder]):
             generate_joint(tiny_flux, [PROMPT, "a blue cat"], steps=1, width=24)  # non-square: 4x6 image tokens
