@@ -19,16 +19,6 @@ from pathlib import Path
 import torch
 
 
-class WithDefaults:
-    """A pipeline whose calls carry the model's text-layout defaults unless the caller overrides them."""
-
-    def __init__(self, pipe, **defaults):
-        self.pipe, self.defaults = pipe, defaults
-
-    def __call__(self, *args, **kwargs):
-        return self.pipe(*args, **{**self.defaults, **kwargs})
-
-
 def main(argv=None) -> int:
     from headscope.io import write_json
     from headscope.models import load_pipeline
@@ -53,7 +43,7 @@ def main(argv=None) -> int:
     steps = args.steps or defaults.pop("num_inference_steps", 25)
     guidance = args.guidance if args.guidance is not None else defaults.pop("guidance_scale", 5.0)
     defaults.pop("num_inference_steps", None), defaults.pop("guidance_scale", None)
-    pipe = WithDefaults(load_pipeline(str(args.model), device="cpu", dtype="fp32"), **defaults)
+    pipe = load_pipeline(str(args.model), device="cpu", dtype="fp32")  # generation passes the call defaults
     scenes = eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=args.n_count,
                          n_polysemy=args.n_polysemy)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
