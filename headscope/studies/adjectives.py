@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from headscope.studies.plots import OTHER_COLOR, OURS_COLOR, bars, example_figure, standard_error
-from headscope.studies.runner import Sample, Study, mean
+from headscope.studies.runner import Sample, Study, described_single, mean
 
 SHAPES_KINDS = {"size": ("small", "large"), "fill": ("hollow",)}  # other shapes-world adjectives are colours
 
@@ -32,19 +32,14 @@ class AdjectiveStudy(Study):
                 "adjectives-examples.png": "example prompts: an adjective's map beside its noun's"}
 
     def shapes_scenes(self, sampler, n: int) -> list:
-        from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase
-
         scenes = []
         for number in range(n):
             if number % 3 == 2:
                 scenes.append(sampler.pair())
                 continue
             scene = sampler.single(fill="hollow", allow_glyphs=False) if number % 6 == 4 else sampler.single()
-            obj = scene.objects[0]  # name size, colour and position, so every adjective can be read
-            caption = noun_phrase(obj, say_size=True, say_color=True, say_fill=True) + " " + \
-                POSITION_PHRASES[obj.position]
-            scenes.append(Scene([obj], caption, "single", {"size": True, "color": True, "fill": True,
-                                                           "position": True}))
+            # name size, colour and position, so every adjective can be read
+            scenes.append(described_single(scene.objects[0], say_size=True))
         return scenes
 
     def measure(self, sample: Sample) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from headscope.studies.plots import OTHER_COLOR, OURS_COLOR, bars, example_figure, standard_error
-from headscope.studies.runner import Sample, Study, mean
+from headscope.studies.runner import Sample, Study, described_single, mean
 
 COUNTING_PROMPTS = ("two dogs playing in the park", "three horses running in water",
                     "four red elephants flying in the sky", "two laptops on a desk", "three apples on a table",
@@ -34,17 +34,11 @@ class NumeracyStudy(Study):
                 "numeracy-examples.png": "example prompts: a numeral's map beside its noun's, and the count drawn"}
 
     def shapes_scenes(self, sampler, n: int) -> list:
-        from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase
-
         scenes = []
         for number in range(n):
             if number % 3 == 0:  # "one red circle on the left": the numeral one, a single object
-                scene = sampler.single(allow_glyphs=False)
-                obj = scene.objects[0]
-                caption = noun_phrase(obj, say_size=False, say_color=True, say_fill=True, use_one=True) + " " + \
-                    POSITION_PHRASES[obj.position]
-                scenes.append(Scene([obj], caption, "single", {"size": False, "color": True, "fill": True,
-                                                               "position": True}))
+                scenes.append(described_single(sampler.single(allow_glyphs=False).objects[0], say_size=False,
+                                               use_one=True))
             else:
                 scenes.append(sampler.count(n=1 + number % 3, fill="solid", allow_glyphs=False))
         return scenes

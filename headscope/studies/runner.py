@@ -265,6 +265,17 @@ class StudyRunner:
         shutil.rmtree(self.store.folder, ignore_errors=True)
 
 
+def described_single(obj, *, say_size: bool, say_color: bool = True, say_fill: bool = True,
+                     use_one: bool = False):
+    """A one-object shapes-world Scene whose caption names the chosen attributes and always the position."""
+    from headscope.shapes.world import POSITION_PHRASES, Scene, noun_phrase
+
+    caption = noun_phrase(obj, say_size=say_size, say_color=say_color, say_fill=say_fill,
+                          use_one=use_one) + " " + POSITION_PHRASES[obj.position]
+    return Scene([obj], caption, "single", {"size": say_size, "color": say_color, "fill": say_fill,
+                                            "position": True})
+
+
 def scene_from_json(data: dict):
     """A shapes-world Scene back from `Scene.to_json()`."""
     from headscope.shapes.world import ObjectSpec, Scene
