@@ -11,6 +11,8 @@ from headscope.errors import HeadscopeError
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+MODEL_HELP = ("Pipeline folder, hub id, or an embedded model: shapes (the default, SD-style UNet) or "
+              "shapes-mmdit (SD3-style joint attention).")
 SEED = click.IntRange(0, 2**63 - 1)  # what torch, numpy and Python's random all take
 
 
@@ -55,7 +57,7 @@ allow_unknown_option = click.option(
 def model_options(command):
     """Decorator adding --model, --device and --dtype."""
     options = [
-        click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model)."),
+        click.option("--model", default=None, help=MODEL_HELP),
         click.option("--device", default=None, help="cpu, cuda, mps... (default: best available)."),
         click.option("--dtype", default=None, type=click.Choice(DTYPES), help="Weights dtype (default: as saved)."),
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from headscope.errors import HeadscopeError
-from headscope_cli.common import SEED, Finite, allow_unknown_option, claim_output
+from headscope_cli.common import MODEL_HELP, SEED, Finite, allow_unknown_option, claim_output
 
 EXAMPLES = """
 \b
@@ -64,7 +64,7 @@ def hrv():
 # -- build -----------------------------------------------------------------------------------------
 
 @hrv.command("build", epilog=EXAMPLES)
-@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--concepts", "concept_source", default=None, metavar="NAME|FILE",
               help="Concept set: shapes, hrv34 or a .json/.csv file [default: shapes for the embedded model, "
                    "else hrv34].")
@@ -215,7 +215,7 @@ def import_cmd(file, layout, out):
 @click.option("--concept", required=True, help="Concept to weaken (a concept of the HRV).")
 @click.option("--hrv", "hrv_file", default=None, type=click.Path(path_type=Path),
               help="HRV file [default: the embedded model's shipped HRV].")
-@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--k", "ks", default=None, callback=_int_list, metavar="K,K,...",
               help="Numbers of weakened heads [default: 0, n/8, n/4, n/2, n].")
 @click.option("--factor", default=-2.0, show_default=True, type=Finite(), help="Map multiplier (0 ablates).")

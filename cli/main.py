@@ -19,8 +19,8 @@ import click
 from headscope import __version__
 from headscope.errors import HeadscopeError
 from headscope.io import staged_folder, write_json
-from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite, allow_unknown_option, claim_output,
-                                  generation_settings, load_model, model_options)
+from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MODEL_HELP, SEED, Finite, allow_unknown_option,
+                                  claim_output, generation_settings, load_model, model_options)
 from headscope_cli.edit import edit
 from headscope_cli.hrv import hrv
 from headscope_cli.maps import concepts_option, from_context, image_options, map_options, write_concept_maps
@@ -175,7 +175,7 @@ def daam(prompt, words, concepts, **options):
 
 
 @cli.command(epilog=EXAMPLES)
-@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the layout as JSON instead of a table.")
 def heads(model, as_json):
     """List the text-conditioned attention layers and heads of a model, in execution order.
@@ -361,9 +361,9 @@ def _slug(word: str) -> str:
 def _denoiser_config(model) -> dict | None:
     """The denoiser config (unet/ or transformer/config.json) of a local pipeline folder, no weights loaded;
     None for a hub id."""
-    from headscope.models import embedded_model_path
+    from headscope.models import resolve_model
 
-    folder = embedded_model_path() if model is None else Path(model).expanduser()
+    folder = Path(resolve_model(model)).expanduser()
     if not folder.exists():
         if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
             raise HeadscopeError(f"model folder {model} does not exist; pass an existing folder or a hub id")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from headscope.errors import HeadscopeError
+from headscope_cli.common import MODEL_HELP
 from headscope.io import write_json
 from headscope_cli.common import SEED, Finite, claim_output
 
@@ -169,7 +170,7 @@ def _check_init_from(source: Path) -> None:
 
 
 @shapes.command("eval")
-@click.option("--model", default=None, help="Pipeline folder or hub id (default: the embedded shapes model).")
+@click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--seeds", default="0,1", show_default=True, help="Comma-separated seeds; one image per prompt and seed.")
 @click.option("--steps", type=click.IntRange(1), default=25, show_default=True)
 @click.option("--guidance", type=Finite(0), default=None, help="Guidance scale (default: the model's).")
@@ -215,15 +216,23 @@ def eval_cmd(model, seeds, steps, guidance, n_single, n_pair, n_count, n_polysem
 @click.option("--steps", "num_steps", type=click.IntRange(1), default=25, show_default=True,
               help="Default denoising steps.")
 @click.option("--target", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to put it (default: the package's embedded model folder).")
+              help="Where to put it (default: the package's embedded model folder of the run's architecture: "
+                   "shapes_model for a UNet run, shapes_mmdit for an SD3-style one).")
 def ship_cmd(run_dir: Path, guidance: float, num_steps: int, target):
-    """Make a run's exported pipeline the embedded default model, with its generation defaults.
+    """Make a run's exported pipeline an embedded model (UNet run: "shapes", SD3-style: "shapes-mmdit"),
+    with its generation defaults.
 
     Example: headscope shapes ship --run-dir runs/shapes --guidance 5
     """
-    from headscope.models import EMBEDDED_MODEL
+    from headscope.models import EMBEDDED, MODELS_DIR
     from headscope.shapes.train import ship
 
-    folder = ship(run_dir / "pipeline", target or EMBEDDED_MODEL,
+    meta = run_dir / "pipeline" / "headscope.json"
+    try:
+        arch = json.loads(meta.read_text()).get("arch", "unet") if meta.is_file() else "unet"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HeadscopeError(f"{meta} is not valid JSON ({error}); export the run again") from None
+    name = "shapes-mmdit" if arch == "mmdit" else "shapes"
+    folder = ship(run_dir / "pipeline", target or MODELS_DIR / EMBEDDED[name],
                   {"guidance_scale": guidance, "num_inference_steps": num_steps})
     click.echo(f"shipped {run_dir / 'pipeline'} as {folder}")

@@ -333,6 +333,7 @@ def test_an_official_array_of_the_wrong_shape_is_refused(tmp_path):
 
 def test_the_default_hrv_belongs_to_the_embedded_model_only(tiny_sd):
     assert default_hrv_path() == Path(headscope.__file__).parent / "models" / "shapes_hrv.hrv"
+    assert default_hrv_path("shapes-mmdit") == Path(headscope.__file__).parent / "models" / "shapes_mmdit_hrv.hrv"
     with pytest.raises(HeadscopeError, match="no default HRV for this model: pass --hrv FILE"):
         HRV.for_pipeline(tiny_sd)
 
@@ -358,8 +359,8 @@ def test_query_readers_get_the_conditional_rows_queries(tiny_sd):
 def test_the_embedded_models_hrv_is_found_or_its_build_command_named(tiny_sd, built, tmp_path, monkeypatch):
     import headscope.hrv.file as hrv_module
 
-    monkeypatch.setattr(hrv_module, "is_embedded", lambda pipe: True)
-    monkeypatch.setattr(hrv_module, "default_hrv_path", lambda: tmp_path / "shapes_hrv.hrv")
+    monkeypatch.setattr(hrv_module, "embedded_of", lambda pipe: "shapes")
+    monkeypatch.setattr(hrv_module, "default_hrv_path", lambda name: tmp_path / "shapes_hrv.hrv")
     with pytest.raises(HeadscopeError, match="build it with `headscope hrv build --concepts shapes"):
         HRV.for_pipeline(tiny_sd)
     built.hrv_.save(tmp_path / "shapes_hrv.hrv")

@@ -42,12 +42,13 @@ Modules: `file` (the HRV object and its file), `votes` (concept keys and the vot
 """
 from headscope.hrv.build import HRVBuilder
 from headscope.hrv.file import FORMAT, HRV
-from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, concept_meta, config_hash, default_hrv_path, generation_defaults,
-                                head_meta, is_embedded, model_meta, prompt_seed)
+from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, build_default_command, concept_meta, config_hash,
+                                default_hrv_path, embedded_of, generation_defaults, head_meta, is_embedded, model_meta,
+                                prompt_seed)
 from headscope.hrv.processes import Processes
 from headscope.hrv.votes import (ConceptTokens, ConceptVotes, concept_reader, concept_scores, encode_concepts,
                                  project_keys)
 
 __all__ = ["BUILD_DEFAULT_COMMAND", "FORMAT", "HRV", "ConceptTokens", "ConceptVotes", "HRVBuilder", "Processes",
-           "concept_meta", "concept_reader", "concept_scores", "config_hash", "default_hrv_path", "encode_concepts",
-           "generation_defaults", "head_meta", "is_embedded", "model_meta", "project_keys", "prompt_seed"]
+           "build_default_command", "concept_meta", "concept_reader", "concept_scores", "config_hash", "default_hrv_path", "encode_concepts",
+           "embedded_of", "generation_defaults", "head_meta", "is_embedded", "model_meta", "project_keys", "prompt_seed"]

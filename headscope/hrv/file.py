@@ -14,9 +14,10 @@ import torch
 from headscope.concepts import ConceptSet
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex, LayerInfo
-from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, FAMILY_NOUNS, PAPER_GUIDANCE, PAPER_STEPS, _replace_folder,
+from headscope.hrv.meta import (FAMILY_NOUNS, PAPER_GUIDANCE, PAPER_STEPS, _replace_folder,
                                 _version, concept_meta, config_hash, default_hrv_path, family_of,
-                                family_of_kinds, head_meta, is_embedded)
+                                family_of_kinds, head_meta, build_default_command,
+                                embedded_of)
 from headscope.io import atomic_path, umask
 
 FORMAT = "headscope-hrv/1"
@@ -242,15 +243,16 @@ class HRV:
 
     @classmethod
     def for_pipeline(cls, pipe) -> "HRV":
-        """The shipped HRV of the embedded shapes model when `pipe` is that model; HeadscopeError otherwise."""
-        if not is_embedded(pipe):
+        """The shipped HRV of an embedded model when `pipe` is one; HeadscopeError otherwise."""
+        name = embedded_of(pipe)
+        if name is None:
             raise HeadscopeError("no default HRV for this model: pass --hrv FILE (build one with "
                                  "`headscope hrv build --model MODEL --out FILE.hrv`, or import the paper's "
                                  "arrays with `headscope hrv import`)")
-        path = default_hrv_path()
+        path = default_hrv_path(name)
         if not path.is_file():
-            raise HeadscopeError(f"the embedded model's HRV is missing at {path}; build it with "
-                                 f"`{BUILD_DEFAULT_COMMAND}` or pass --hrv FILE")
+            raise HeadscopeError(f"the embedded model {name}'s HRV is missing at {path}; build it with "
+                                 f"`{build_default_command(name)}` or pass --hrv FILE")
         hrv = cls.load(path)
         hrv.check_compatible(pipe)
         return hrv

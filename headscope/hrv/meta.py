@@ -13,27 +13,36 @@ from headscope.io import replace_folder
 PAPER_STEPS, PAPER_GUIDANCE = 50, 7.5
 EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 25, 5.0  # as the shapes-world evaluation generates
 
-BUILD_DEFAULT_COMMAND = ("headscope hrv build --concepts shapes --n-prompts 512 --seed 0 "
-                         "--out headscope/models/shapes_hrv.hrv")
+HRV_FILES = {"shapes": "shapes_hrv.hrv", "shapes-mmdit": "shapes_mmdit_hrv.hrv"}  # embedded model -> its HRV
 
 
-def default_hrv_path() -> Path:
-    """Where the embedded shapes model's HRV ships: headscope/models/shapes_hrv.hrv.
+def build_default_command(name: str = "shapes") -> str:
+    """The command that builds the shipped HRV of the embedded model `name`."""
+    model = "" if name == "shapes" else f"--model {name} "
+    return (f"headscope hrv build {model}--concepts shapes --n-prompts 512 --seed 0 "
+            f"--out headscope/models/{HRV_FILES[name]}")
 
-    Built (once the embedded model is trained) with BUILD_DEFAULT_COMMAND.
-    """
-    return Path(__file__).resolve().parent.parent / "models" / "shapes_hrv.hrv"
+
+BUILD_DEFAULT_COMMAND = build_default_command()
+
+
+def default_hrv_path(name: str = "shapes") -> Path:
+    """Where the embedded model `name`'s HRV ships: headscope/models/shapes_hrv.hrv for the UNet model,
+    headscope/models/shapes_mmdit_hrv.hrv for the SD3-style one. Built with `build_default_command(name)`."""
+    return Path(__file__).resolve().parent.parent / "models" / HRV_FILES[name]
+
+
+def embedded_of(pipe) -> str | None:
+    """The name of the embedded model `pipe` was loaded from ("shapes", "shapes-mmdit"), else None."""
+    from headscope.models import embedded_name
+
+    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    return embedded_name(source) if source else None
 
 
 def is_embedded(pipe) -> bool:
-    """Whether `pipe` was loaded from the embedded shapes model's folder."""
-    from headscope.models import EMBEDDED_MODEL
-
-    source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    try:
-        return bool(source) and Path(str(source)).expanduser().resolve() == EMBEDDED_MODEL.resolve()
-    except OSError:
-        return False
+    """Whether `pipe` was loaded from one of the embedded shapes-world models' folders."""
+    return embedded_of(pipe) is not None
 
 
 # -- metadata helpers ------------------------------------------------------------------------------
@@ -52,7 +61,8 @@ def model_meta(pipe) -> dict:
 
     backbone = backbone_for(pipe)
     source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    meta = {"name_or_path": "embedded shapes model" if is_embedded(pipe) else (str(source) if source else None),
+    name = embedded_of(pipe)
+    meta = {"name_or_path": f"embedded {name} model" if name else (str(source) if source else None),
             "family": backbone.family, "denoiser_class": type(backbone.model).__name__,
             "config_hash": config_hash(backbone.model.config)}
     if backbone.family == "unet":

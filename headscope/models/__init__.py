@@ -1,4 +1,10 @@
-"""Pipeline loading: a local diffusers folder, a hub id, or the embedded shapes model."""
+"""Pipeline loading: a local diffusers folder, a hub id, or one of the embedded shapes-world models.
+
+Embedded models ship inside the package and load through `from_pretrained` like any folder; their names:
+  "shapes"        the SD-style UNet model (the default: `model=None`)
+  "shapes-mmdit"  the SD3-style joint-attention model (`StableDiffusion3Pipeline`)
+Each has its own shipped HRV file beside it (`headscope.hrv.default_hrv_path(name)`).
+"""
 from __future__ import annotations
 
 import json
@@ -9,17 +15,45 @@ import torch
 
 from headscope.errors import HeadscopeError
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent / "shapes_model"
+MODELS_DIR = Path(__file__).resolve().parent
+EMBEDDED = {"shapes": "shapes_model", "shapes-mmdit": "shapes_mmdit"}  # name -> folder in this package
+DEFAULT_MODEL = "shapes"
+EMBEDDED_MODEL = MODELS_DIR / EMBEDDED[DEFAULT_MODEL]
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-def embedded_model_path() -> Path:
-    """Folder of the shapes model shipped inside the package."""
-    if not (EMBEDDED_MODEL / "model_index.json").is_file():
-        raise HeadscopeError(f"the embedded shapes model is missing at {EMBEDDED_MODEL}; "
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Folder of the embedded model `name` ("shapes", "shapes-mmdit") shipped inside the package."""
+    if name not in EMBEDDED:
+        raise HeadscopeError(f"no embedded model {name!r}; the embedded models are {', '.join(EMBEDDED)}")
+    folder = MODELS_DIR / EMBEDDED[name]
+    if not (folder / "model_index.json").is_file():
+        raise HeadscopeError(f"the embedded model {name!r} is missing at {folder}; "
                              "reinstall headscope or pass --model PATH_OR_HUB_ID")
-    return EMBEDDED_MODEL
+    return folder
+
+
+def resolve_model(model: str | Path | None):
+    """What `model` names: an embedded model's folder for None or an embedded name, else `model` itself."""
+    if model is None:
+        return embedded_model_path()
+    if isinstance(model, str) and model in EMBEDDED:
+        return embedded_model_path(model)
+    return model
+
+
+def embedded_name(source) -> str | None:
+    """The name of the embedded model whose folder `source` is (a path, a name, None = the default), else None."""
+    if source is None:
+        return DEFAULT_MODEL
+    if isinstance(source, str) and source in EMBEDDED:
+        return source
+    try:
+        path = Path(str(source)).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((name for name, folder in EMBEDDED.items() if path == (MODELS_DIR / folder).resolve()), None)
 
 
 def default_device() -> str:
@@ -61,7 +95,8 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     """Load a diffusers text-to-image pipeline through `DiffusionPipeline.from_pretrained`.
 
     Args:
-        model: a local pipeline folder, a hub id (SD 1.x / 2.x / XL), or None for the embedded shapes model.
+        model: a local pipeline folder, a hub id (SD 1.x / 2.x / XL, SD3, Flux), an embedded model's name
+            ("shapes", "shapes-mmdit"), or None for the default embedded model ("shapes").
         device: "cpu", "cuda", "mps"...; None picks the best available.
         dtype: torch dtype or one of "fp32", "fp16", "bf16"; None keeps the saved dtype, except on a CPU,
             where None means fp32.
@@ -70,7 +105,7 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None, dt
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
 
-    source = embedded_model_path() if model is None else model
+    source = resolve_model(model)
     device = check_device(device or default_device())
     # Half-precision weights (the embedded model is stored in fp16 to stay small) compute in fp32 on a CPU.
     torch_dtype = _resolve_dtype(dtype if dtype is not None or str(device) != "cpu" else "fp32")
@@ -135,7 +170,7 @@ def is_shapes_model(model: str | Path | None) -> bool:
 
     Such models speak the shapes-world vocabulary: commands default to its concepts and prompts.
     """
-    if model is None:
+    if embedded_name(model) is not None:
         return True
     meta = Path(str(model)).expanduser() / "headscope.json"
     try:

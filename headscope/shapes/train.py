@@ -301,7 +301,11 @@ def export_pipeline(run_dir: Path, cfg: TrainConfig, vae, weights: dict[str, tor
 
 
 def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
-    """Copy an exported pipeline folder to `target` (atomically) and record generation defaults in it."""
+    """Copy an exported pipeline folder to `target` (atomically) and record generation defaults in it.
+
+    `defaults` are merged over the export's own (an SD3-style export records its max_sequence_length).
+    A UNet run's headscope.json also gets the phases its weights went through (`training_phases`).
+    """
     from headscope.errors import HeadscopeError
 
     pipeline, target = Path(pipeline), Path(target)
@@ -311,8 +315,8 @@ def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(pipeline, stage)
     meta = json.loads((stage / "headscope.json").read_text())
-    meta["defaults"] = dict(defaults)
-    phases = training_phases(pipeline.parent)
+    meta["defaults"] = {**meta.get("defaults", {}), **defaults}
+    phases = training_phases(pipeline.parent) if meta.get("arch", "unet") == "unet" else []
     if phases:
         meta["unet_steps_trained"] = sum(phase["unet_steps"] or 0 for phase in phases)
         meta["phases"] = phases
