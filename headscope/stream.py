@@ -21,9 +21,19 @@ by adding concept tokens beside the prompt in every joint block. Here:
 Only conditional rows are carried (negative-prompt rows are not). Several tokens of one entry stay
 separate tokens in the stream; `spans` says where each entry's tokens lie.
 
-Cost per block: the text stream's work for the concept tokens of the conditional rows (projections
+Selection: a reader with `select_tokens(ctx)` (at most one per stream; HRV votes,
+`headscope.hrv.votes`) chooses, at the first block of each recorded forward, which of the stream's
+tokens each row carries through that forward: (index [rows, T_sel] into the tokens, valid [rows, T_sel],
+False on padding, since rows may choose entries of different lengths). The states start from those
+tokens' encodings, and no concept query attends to a padded key, so a row's real tokens go through the
+blocks exactly as a stream holding only its chosen entries would carry them. The choice holds for the
+whole forward: a token's keys exist in a block only if it was carried from the first one.
+
+Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over T + L_img keys), i.e. about T / (rows x (L_img +
-L_txt)) of the block's projections and MLP. Nothing is kept between blocks but the states.
+L_txt)) of the block's projections and MLP. T is every entry's tokens, or with a selection T_sel:
+for HRV votes the concepts x the longest chosen word's tokens (per forward, over the batch's rows),
+not every word of the set (shapes: 23 tokens; hrv34: 340). Nothing is kept between blocks but the states.
 """
 from __future__ import annotations
 
@@ -44,20 +54,35 @@ _CHUNK = 64  # entries per encode_prompt call
 
 
 @dataclass(frozen=True)
+class TokenSelection:
+    """The stream's tokens each row carries through one denoiser forward (a selecting reader's choice).
+
+    index: [rows, T_sel] long, positions among the stream's tokens (see `ConceptStream.spans`).
+    valid: [rows, T_sel] bool, False on padding slots (hidden from every concept query).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
 class ConceptBlock:
     """What one joint block says about the carried concept tokens (conditional rows, heads first).
 
     image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux).
     image_output: [rows, heads, L_img, head_dim], their attention output before the output projection.
-    concept_key: [rows, heads, tokens, head_dim], the concept tokens' keys (text-stream projection, k-norm).
+    concept_key: [rows, heads, tokens, head_dim], the carried tokens' keys (text-stream projection, k-norm);
+        tokens = every token of the stream, or T_sel, in `selection` order, when a reader selects.
     concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
         (None in the last block when no reader has `needs_outputs`: nothing comes after it).
+    selection: which tokens each row carries in this forward; None when the stream carries all of them.
     """
 
     image_query: torch.Tensor
     image_output: torch.Tensor
     concept_key: torch.Tensor
     concept_output: torch.Tensor
+    selection: TokenSelection | None = None
 
 
 class ConceptStream(Hook):
@@ -66,7 +91,10 @@ class ConceptStream(Hook):
     Give it to `headscope.trace(pipe, concepts=stream)` (or pass a word list there, which builds one with a
     concept-map reader). Attributes: `entries`, `spans` (per entry, (start, stop) among the stream's
     tokens), `n_tokens`, `readers` (objects with `read_concepts(ctx, ConceptBlock)`, optionally
-    `start_call(state)`, and `needs_outputs = False` when they read only keys and queries). HeadscopeError on a UNet (no text stream), an unknown word, an empty entry.
+    `start_call(state)`, `needs_outputs = False` when they read only keys and queries, and
+    `select_tokens(ctx) -> (index, valid)` to choose each forward's tokens: see the module docstring; every
+    reader then gets the selected tokens). HeadscopeError on a UNet (no text stream), an unknown word, an
+    empty entry, and, when the trace starts, a second reader with `select_tokens`.
     """
 
     rows = "cond"
@@ -96,12 +124,22 @@ class ConceptStream(Hook):
         self._handles: list = []
         self._rows: tuple[int, ...] = ()
         self._states: torch.Tensor | None = None
+        self._selector = None  # the reader with select_tokens, found at attach
+        self._selection: TokenSelection | None = None  # this forward's, when a reader selects
+        self._key_mask: torch.Tensor | None = None  # [rows, T_sel] bool; None when nothing is padded
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
 
     # -- what the trace calls ------------------------------------------------------------------
 
     def attach(self) -> None:
         """Hook every joint block's forward (after it ran), in the trace's `__enter__`."""
+        selectors = [reader for reader in self.readers if hasattr(reader, "select_tokens")]
+        if len(selectors) > 1:
+            raise HeadscopeError(f"a concept stream carries one selection of its tokens per forward, and "
+                                 f"{len(selectors)} of its readers select tokens "
+                                 f"({', '.join(type(reader).__name__ for reader in selectors)}); give each its own "
+                                 "stream, in separate traces")
+        self._selector = selectors[0] if selectors else None
         model = self.backbone.model
         for layer in self.index.layers:
             block = model.get_submodule(layer.name.rsplit(".", 1)[0])
@@ -124,6 +162,7 @@ class ConceptStream(Hook):
     def begin_forward(self, state: RunState | None) -> None:
         """A denoiser forward starts: the stream restarts from the encoded entries (None: a pass not recorded)."""
         self._states, self._captured = None, {}
+        self._selection, self._key_mask = None, None
         self._rows = state.layout.rows(self.rows) if state is not None and state.layout is not None else ()
 
     def start_call(self, state: RunState) -> None:
@@ -146,28 +185,36 @@ class ConceptStream(Hook):
         if entry is None:
             return None
         ctx, tensors = entry
+        ctx = replace(ctx, rows=self._rows)
         rows = row_index(self._rows)
-        states = self._states if self._states is not None else self._start(len(self._rows))
+        states = self._states if self._states is not None else self._start(ctx)
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
         image = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
                              output=tensors.output[rows])
         # After the last block nothing needs the states; its outputs only a reader that asks for them.
         carry = layer != self.index.layers[-1].index or any(getattr(reader, "needs_outputs", True)
                                                             for reader in self.readers)
-        result = step(block, states, temb[rows], image, carry)
+        result = step(block, states, temb[rows], image, carry, self._key_mask)
         self._states = result.states
         record = ConceptBlock(image_query=image.query, image_output=image.output, concept_key=result.concept_key,
-                              concept_output=result.concept_output)
-        ctx = replace(ctx, rows=self._rows)
+                              concept_output=result.concept_output, selection=self._selection)
         for reader in self.readers:
             reader.read_concepts(ctx, record)
         return None
 
-    def _start(self, n_rows: int) -> torch.Tensor:
-        """The encoded entries for every carried row: [rows, tokens, dim]."""
+    def _start(self, ctx: HookContext) -> torch.Tensor:
+        """The carried tokens' encodings for the forward's rows: [rows, tokens, dim], every entry's, or
+        [rows, T_sel, dim] of the tokens the selecting reader chose (asked here, at the first block)."""
         if self._initial is None:
             self.prepare({})
-        return self._initial.expand(n_rows, -1, -1)
+        if self._selector is None:
+            return self._initial.expand(len(ctx.rows), -1, -1)
+        index, valid = self._selector.select_tokens(ctx)
+        padded = not bool(valid.all())
+        index, valid = index.to(self._initial.device), valid.to(self._initial.device)
+        self._selection = TokenSelection(index=index, valid=valid)
+        self._key_mask = valid if padded else None
+        return self._initial[index]
 
     @torch.no_grad()
     def _encode(self, max_sequence_length) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """HRVs on joint attention (tiny SD3 and Flux): one value per head of the index, votes equal a hand
-computation from the concept stream's keys, the image untouched, another family or layout refused, and
-`headscope hrv build --model FOLDER` on an SD3 folder."""
+computation from the concept stream's keys of the words sampled for the step, the image untouched,
+another family or layout refused, and `headscope hrv build --model FOLDER` on an SD3 folder."""
 import json
 
 import pytest
@@ -72,18 +72,19 @@ def test_votes_of_one_step_match_a_softmax_over_the_blocks_concept_keys(family, 
     words = [word for name in CONCEPTS.names for word in CONCEPTS.concepts[name]]
     spans = dict(zip(words, stream.spans))
     generator = torch.Generator().manual_seed(prompt_seed(5, 0, "words"))
-    draws = torch.rand(index.n_layers, 1, 3, generator=generator, dtype=torch.float64)[:, 0]  # layer-major
+    draws = torch.rand(1, 1, 3, generator=generator, dtype=torch.float64)[0, 0]  # one draw per step and row
+    sampled = [CONCEPTS.concepts[name][int(u * len(CONCEPTS.concepts[name]))]
+               for name, u in zip(CONCEPTS.names, draws.tolist())]
+    longest = max(spans[word][1] - spans[word][0] for word in sampled)
+    positions = torch.arange(3 * longest).view(1, 3, longest)  # the block's keys are the sampled words' tokens
+    valid = torch.zeros(1, 3, longest, dtype=torch.bool)
+    for concept, word in enumerate(sampled):
+        start, stop = spans[word]
+        valid[0, concept, :stop - start] = True
+    carried = torch.cat([torch.arange(*spans[word]) for word in sampled])
     for layer in index.layers:
-        sampled = [CONCEPTS.concepts[name][int(u * len(CONCEPTS.concepts[name]))]
-                   for name, u in zip(CONCEPTS.names, draws[layer.index].tolist())]
-        longest = max(spans[word][1] - spans[word][0] for word in sampled)
-        positions = torch.zeros(1, 3, longest, dtype=torch.long)
-        valid = torch.zeros(1, 3, longest, dtype=torch.bool)
-        for concept, word in enumerate(sampled):
-            start, stop = spans[word]
-            positions[0, concept, :stop - start] = torch.arange(start, stop)
-            valid[0, concept, :stop - start] = True
         block = recorder.blocks[layer.index]
+        assert torch.equal(block.selection.index[0][block.selection.valid[0]], carried), layer.name
         scores = concept_scores(block.image_query, block.concept_key, layer.head_dim ** -0.5, positions, valid)
         expected = torch.zeros(3, layer.heads, dtype=torch.int64)
         expected[scores[0].argmax(dim=-1), torch.arange(layer.heads)] = 1

@@ -15,6 +15,9 @@ and returns a `BlockStep`: the concept keys, the concept attention output before
 projection (both [rows, heads, tokens, head_dim]) and the states leaving the block (None after SD3's
 last, `context_pre_only` block, whose text outputs the model drops). With `carry=False` (the last
 block, when no reader wants the outputs) only the keys are computed: output and states are None.
+`key_mask` ([rows, tokens] bool, False on padding) hides concept tokens from every concept query,
+for rows that carry fewer real tokens than the stream holds; None (the default) hides none and
+leaves the attention call exactly as without it.
 
 Flux applies RoPE after joining text and image; its text ids are all zeros (`FluxPipeline` builds
 `txt_ids` as zeros), and at position 0 the rotation is the identity (cos 0 = 1, sin 0 = 0), so concept
@@ -49,19 +52,24 @@ def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _one_way_attention(query, key, value, image) -> torch.Tensor:
+def _one_way_attention(query, key, value, image, key_mask=None) -> torch.Tensor:
     """Concept queries over [concept keys; image keys] and their values: [rows, heads, tokens, head_dim].
 
     PyTorch's SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it, for Flux too: Flux's
     default dispatch backend is that same call (a user's flash / sage backend would only change the
-    kernel, and this attention is off the image's path).
+    kernel, and this attention is off the image's path). key_mask: [rows, tokens] bool, False on concept
+    keys no query may see; image keys stay visible, so a padded query still has keys to attend to.
     """
     keys = torch.cat([key, image.key], dim=2)
     values = torch.cat([value, image.value], dim=2)
-    return F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)
+    mask = None
+    if key_mask is not None:
+        image_visible = key_mask.new_ones(key_mask.shape[0], image.key.shape[2])
+        mask = torch.cat([key_mask, image_visible], dim=1)[:, None, None, :]  # [rows, 1, 1, tokens + L_img]
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
-def sd3_joint_step(block, states, temb, image, carry: bool = True) -> BlockStep:
+def sd3_joint_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
     """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
     norm2_context, ff_context), with the concept tokens as the context."""
     attn = block.attn
@@ -78,7 +86,7 @@ def sd3_joint_step(block, states, temb, image, carry: bool = True) -> BlockStep:
     value = _heads(attn.add_v_proj(normed), attn.heads)
     if attn.norm_added_q is not None:
         query = attn.norm_added_q(query)
-    output = _one_way_attention(query, key, value, image).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     if block.context_pre_only:
         return BlockStep(key, output, None)
     states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
@@ -101,7 +109,7 @@ def _shared_projections(attn, normed):
     return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
 
 
-def flux_double_step(block, states, temb, image, carry: bool = True) -> BlockStep:
+def flux_double_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
     """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
     norm2_context, ff_context) with the concept tokens as the text."""
     attn = block.attn
@@ -113,7 +121,7 @@ def flux_double_step(block, states, temb, image, carry: bool = True) -> BlockSte
     query, key = attn.norm_added_q(query), attn.norm_added_k(key)
     if not carry:
         return BlockStep(key, None, None)
-    output = _one_way_attention(query, key, value, image).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
     normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
@@ -122,7 +130,7 @@ def flux_double_step(block, states, temb, image, carry: bool = True) -> BlockSte
     return BlockStep(key, output, states)
 
 
-def flux_single_step(block, states, temb, image, carry: bool = True) -> BlockStep:
+def flux_single_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
     """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
     the MLP branch side by side, proj_out of both, gate, residual."""
     attn = block.attn
@@ -134,7 +142,7 @@ def flux_single_step(block, states, temb, image, carry: bool = True) -> BlockSte
     if not carry:
         return BlockStep(key, None, None)
     mlp = block.act_mlp(block.proj_mlp(normed))
-    output = _one_way_attention(query, key, value, image).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     joined = torch.cat([output.transpose(1, 2).flatten(2), mlp], dim=2)
     states = states + gate.unsqueeze(1) * block.proj_out(joined)
     if states.dtype == torch.float16:

@@ -6,9 +6,19 @@ calls of the embedded model's reader), so a layer call only keeps its queries (a
 the step's end, or once the kept queries' storage passes `VOTE_BUDGET_BYTES`, the layers of one query
 shape are scored together, in one batch: the sampled words' keys, one product with the queries,
 softmax, mean over pixels, per-word mean, argmax. What depends on the step alone (the sampled words,
-their key positions, the padding mask and the per-word averaging matrix) is made once per step for
-every layer, keys are scaled once, and the winners stay on the model's device until the step is
-counted (one transfer per step).
+their key positions, the padding mask and the per-word averaging matrix, `headscope.hrv.sampling`) is
+made once per step for every layer, keys are scaled once, and the winners stay on the model's device
+until the step is counted (one transfer per step).
+
+Sampling: on a UNet one word per concept is drawn at every layer call (per (layer, row, concept)), as
+the HRV paper does. On joint-attention models (SD3, Flux) one word per concept is drawn per (step,
+row), the same for every block of that denoiser forward: a block's concept keys come from the text
+stream as it stands there, so a token must be carried from the first block for its keys to exist in
+a later one, and a choice per block would force carrying every word of the set. The concept stream
+(`headscope.stream`) asks the reader for that choice (`select_tokens`) and carries only it: per row,
+the concepts x the longest chosen word's tokens (padding hidden from attention), instead of every word
+of the set (the shapes set: 23 tokens; hrv34: 340). Draws come from each prompt's own generator either
+way, so a prompt's votes do not depend on the batch it is built in.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import torch
 from headscope.concepts import ConceptSet
 from headscope.heads import HeadIndex
 from headscope.hrv.meta import prompt_seed
+from headscope.hrv.sampling import StepTables, word_table
 from headscope.processor import Hook, HookContext
 
 _WORD_CHUNK = 64
@@ -79,9 +90,10 @@ def concept_reader(pipe, index: HeadIndex, concept_set: ConceptSet, n_steps: int
     """(reader, concept stream or None) voting over `concept_set` on `pipe`, whatever its family.
 
     UNet: every word encoded alone and projected by each layer's to_k (`encode_concepts`, `project_keys`).
-    SD3 / Flux: a layer's text keys depend on the block, so every word of the set is carried through the
-    text stream (`headscope.stream.ConceptStream`, the words of the trace's default encoder) and each
-    block's concept keys are scored against its image queries. Trace with `concepts=stream` then.
+    SD3 / Flux: a layer's text keys depend on the block, so the words are carried through the text stream
+    (`headscope.stream.ConceptStream`, the words of the trace's default encoder), each forward only the
+    word the reader sampled per concept and row (`ConceptVotes.select_tokens`), and each block's concept
+    keys are scored against its image queries. Trace with `concepts=stream` then.
     """
     from headscope.backbones import backbone_for
 
@@ -163,20 +175,6 @@ def _gather_keys(keys: torch.Tensor, flat_positions: torch.Tensor) -> torch.Tens
 
 # -- the reader ------------------------------------------------------------------------------------
 
-@dataclass
-class _StepTables:
-    """What the sampled words of one step mean for every layer (on the model's device).
-
-    flat: [layers, rows, sampled] key positions of the sampled words' tokens (sampled = concepts x longest word).
-    bias: [layers, rows, 1, sampled, 1] 0 on real tokens, -inf on padding; None when no word is padded.
-    mean: [layers, rows, sampled, concepts] 1/len(word) on a word's tokens; None when every word is one token.
-    """
-
-    flat: torch.Tensor
-    bias: torch.Tensor | None
-    mean: torch.Tensor | None
-
-
 class ConceptVotes(Hook):
     """Reader of the conditional queries: one vote per head and layer call for its most-attended concept.
 
@@ -186,10 +184,13 @@ class ConceptVotes(Hook):
     (seed, prompt index) only.
 
     Keys: on a UNet every layer's concept keys are fixed (`project_keys`) and the reader scores the
-    layer's queries (`read_query`). On joint-attention models (SD3, Flux) they depend on the block and on
-    the image: build the reader with `keys=None, n_layers=...` and give it to a
-    `headscope.stream.ConceptStream` carrying the concept words, which hands each block's image queries
-    and concept keys to `read_concepts` (scale 1/sqrt(head_dim), as the model's attention).
+    layer's queries (`read_query`), with words drawn per layer call. On joint-attention models (SD3,
+    Flux) they depend on the block and on the image: build the reader with `keys=None, n_layers=...`
+    and give it to a `headscope.stream.ConceptStream` carrying the concept words. The stream asks
+    `select_tokens` at each forward's first block for the words to carry (drawn per step and row: a
+    token the first block did not carry has no keys later, so the choice holds for every block), and
+    hands each block's image queries and the selected tokens' keys to `read_concepts` (scale
+    1/sqrt(head_dim), as the model's attention).
     """
 
     rows = "cond"
@@ -208,9 +209,10 @@ class ConceptVotes(Hook):
         self._votes = torch.zeros(n_steps, self.n_concepts, n_heads, dtype=torch.float64 if soft else torch.int64)
         self._generators: list[torch.Generator] = []
         self._drawn_for: tuple[int, int] | None = None
-        self._positions, self._valid = _word_table(tokens)
+        self._positions, self._valid = word_table(tokens.spans)
         self._concepts = torch.arange(self.n_concepts)
-        self._tables: _StepTables | None = None
+        self._sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (positions, valid)
+        self._tables: StepTables | None = None
         self._pending: tuple[int, torch.Tensor] | None = None  # (step, winners or summed scores) not yet counted
         self._kept: list = []  # (layer, queries, concept keys or None) of this step, not yet scored
         self._kept_bytes = 0
@@ -243,9 +245,17 @@ class ConceptVotes(Hook):
         self._step_tables(ctx, query.device)
         self._keep(ctx, query, None)
 
+    def select_tokens(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint models: the stream's tokens to carry through this forward, one sampled word per concept and
+        row: (index [rows, concepts x longest chosen word] long into the stream's tokens, valid, the same
+        shape, False on padding). Asked by the concept stream at the forward's first block."""
+        self._begin_step(ctx)
+        positions, valid = self._sampled  # [1, rows, concepts, longest]
+        return positions[0].flatten(1), valid[0].flatten(1)
+
     def read_concepts(self, ctx: HookContext, block) -> None:
-        """A joint block's image queries [rows, heads, L_img, head_dim] x its concept keys [rows, heads,
-        tokens, head_dim] (`headscope.stream.ConceptBlock`)."""
+        """A joint block's image queries [rows, heads, L_img, head_dim] x the selected tokens' keys [rows,
+        heads, T_sel, head_dim] (`headscope.stream.ConceptBlock`)."""
         self._step_tables(ctx, block.image_query.device)
         self._keep(ctx, block.image_query, block.concept_key)
 
@@ -268,21 +278,21 @@ class ConceptVotes(Hook):
         tables, buffer = self._tables, self._pending[1]
         for entries in groups.values():
             index = [layer.index for layer, _, _ in entries]
+            at = index if self.keys is not None else slice(None)  # joint tables: one draw for every block
             queries = torch.stack([query for _, query, _ in entries]).float()  # [layers, rows, heads, n_query, d]
             if entries[0][2] is None:  # fixed keys, scaled already, stacked once per group of layers
                 stacked, layer_ids = self._stacked_keys(index)  # [layers, heads, tokens, d], [layers, 1, 1]
                 chosen = stacked[layer_ids, :, tables.flat[index]].permute(0, 1, 3, 2, 4)
-            else:  # a joint block's own keys, at the model's scale
-                chosen = torch.stack([_gather_keys(keys, tables.flat[layer.index]) for layer, _, keys in entries])
-                chosen = chosen.float() * queries.shape[-1] ** -0.5
+            else:  # a joint block's own keys (the selected tokens, in table order), at the model's scale
+                chosen = torch.stack([keys for _, _, keys in entries]).float() * queries.shape[-1] ** -0.5
             # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
             # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
             logits = torch.matmul(chosen, queries.transpose(-1, -2))  # [layers, rows, heads, sampled, n_query]
             if tables.bias is not None:
-                logits = logits + tables.bias[index]
+                logits = logits + tables.bias[at]
             probs = logits.softmax(dim=-2).mean(dim=-1)  # [layers, rows, heads, sampled]
             if tables.mean is not None:
-                probs = torch.matmul(probs, tables.mean[index])  # [layers, rows, heads, concepts]
+                probs = torch.matmul(probs, tables.mean[at])  # [layers, rows, heads, concepts]
             heads = self._heads_of([layer for layer, _, _ in entries], buffer.device)
             if self.soft:
                 buffer[heads] += probs.sum(dim=1).flatten(0, 1)  # [layers * heads, concepts]
@@ -321,61 +331,49 @@ class ConceptVotes(Hook):
             counts = torch.nn.functional.one_hot(buffer + 1, self.n_concepts + 1).sum(dim=0)  # [heads, concepts + 1]
             self._votes[step] += counts[:, 1:].T.cpu()
 
-    def _step_tables(self, ctx: HookContext, device) -> _StepTables:
-        """The step's tables, made at its first layer call, after counting the step before."""
+    def _begin_step(self, ctx: HookContext) -> None:
+        """Count the step before and draw this step's words: `_sampled` = (positions, valid), each [draws,
+        rows, concepts, longest] (draws: the layers on a UNet; 1 on joint models, where the positions are
+        the stream's tokens and longest is the longest chosen word, the stream carrying no more)."""
+        self._flush()
+        self._drawn_for, self._tables = (ctx.call, ctx.step), None
+        choices = self._choices(ctx)  # [draws, rows, concepts]
+        positions, valid = self._positions[self._concepts, choices], self._valid[self._concepts, choices]
+        if self.keys is None:
+            longest = int(valid.sum(dim=-1).max())
+            positions, valid = positions[..., :longest], valid[..., :longest]
+        self._sampled = (positions, valid)
+
+    def _step_tables(self, ctx: HookContext, device) -> StepTables:
+        """The step's tables, made at its first layer call (joint models: after `select_tokens` drew the words)."""
         if self._drawn_for != (ctx.call, ctx.step):
-            self._flush()
-            self._drawn_for = (ctx.call, ctx.step)
-            choices = self._choices(ctx)  # [layers, rows, concepts]
-            self._tables = _tables(self._positions[self._concepts, choices], self._valid[self._concepts, choices],
-                                   device)
-            n_rows = len(ctx.rows)
+            self._begin_step(ctx)
+        if self._tables is None:
+            positions, valid = self._sampled
+            if self.keys is None:  # a block's concept keys are the selection, in this order
+                positions = torch.arange(valid[0, 0].numel()).view(valid.shape[2:]).expand(valid.shape)
+            self._tables = StepTables.build(positions, valid, device)
             buffer = (torch.zeros(self.n_heads, self.n_concepts, device=device) if self.soft
-                      else torch.full((n_rows, self.n_heads), -1, dtype=torch.long, device=device))
+                      else torch.full((len(ctx.rows), self.n_heads), -1, dtype=torch.long, device=device))
             self._pending = (ctx.step, buffer)
         return self._tables
 
     def _choices(self, ctx: HookContext) -> torch.Tensor:
-        """The word sampled for each concept at every layer call of this step, per row: [layers, rows, concepts].
+        """The word sampled for each concept, per row: [draws, rows, concepts], draws = every layer call of the
+        step on a UNet, one for the whole forward on joint models (see the module docstring).
 
-        Each prompt's generator draws one value per (layer, row of the prompt, concept), layer-major,
-        which is the order of one draw per concept at every layer call.
+        Each prompt's generator draws one value per (draw, row of the prompt, concept), draw-major, which
+        on a UNet is the order of one draw per concept at every layer call.
         """
+        n_draws = self.n_layers if self.keys is not None else 1
         prompts = [ctx.layout.prompt_index(ctx.layout.image(row)) for row in ctx.rows]
         per_prompt = {prompt: prompts.count(prompt) for prompt in dict.fromkeys(prompts)}
-        draws = {prompt: torch.rand(self.n_layers, count, self.n_concepts, generator=self._generators[prompt],
+        draws = {prompt: torch.rand(n_draws, count, self.n_concepts, generator=self._generators[prompt],
                                     dtype=torch.float64) for prompt, count in per_prompt.items()}
         seen = dict.fromkeys(per_prompt, 0)
         rows = []
         for prompt in prompts:
-            rows.append(draws[prompt][:, seen[prompt]])  # [layers, concepts]
+            rows.append(draws[prompt][:, seen[prompt]])  # [draws, concepts]
             seen[prompt] += 1
-        draws = torch.stack(rows, dim=1)  # [layers, rows, concepts]
+        draws = torch.stack(rows, dim=1)  # [draws, rows, concepts]
         return (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
-
-
-def _tables(positions: torch.Tensor, valid: torch.Tensor, device) -> _StepTables:
-    """positions, valid: [layers, rows, concepts, longest word] -> the step's `_StepTables`."""
-    flat = positions.flatten(2).to(device)
-    if valid.shape[-1] == 1:
-        return _StepTables(flat=flat, bias=None, mean=None)
-    bias = None
-    if not valid.all():
-        bias = torch.zeros(valid.shape).masked_fill(~valid, float("-inf")).flatten(2)[:, :, None, :, None].to(device)
-    weights = valid / valid.sum(dim=-1, keepdim=True)  # [layers, rows, concepts, longest]
-    # mean[l, r, c * longest + j, c'] = weights[l, r, c, j] if c == c' else 0
-    mean = torch.diag_embed(weights.transpose(-1, -2)).transpose(-3, -2).flatten(2, 3)
-    return _StepTables(flat=flat, bias=bias, mean=mean.float().to(device))
-
-
-def _word_table(tokens: ConceptTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions of every word, padded: (positions, valid), each [concepts, most words, longest word]."""
-    most = max(tokens.n_words)
-    longest = max(stop - start for spans in tokens.spans for start, stop in spans)
-    positions = torch.zeros(len(tokens.spans), most, longest, dtype=torch.long)
-    valid = torch.zeros(len(tokens.spans), most, longest, dtype=torch.bool)
-    for concept, spans in enumerate(tokens.spans):
-        for word, (start, stop) in enumerate(spans):
-            positions[concept, word, :stop - start] = torch.arange(start, stop)
-            valid[concept, word, :stop - start] = True
-    return positions, valid

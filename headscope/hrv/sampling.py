@@ -1,0 +1,55 @@
+"""The vote reader's word tables: every concept word's token positions, and what one step's sampled words
+mean for scoring (key positions, padding bias, per-word mean), made once per step for every layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepTables:
+    """What the sampled words of one step mean for every layer (on the model's device).
+
+    flat: [layers, rows, sampled] key positions of the sampled words' tokens (sampled = concepts x longest word).
+    bias: [layers, rows, 1, sampled, 1] 0 on real tokens, -inf on padding; None when no word is padded.
+    mean: [layers, rows, sampled, concepts] 1/len(word) on a word's tokens; None when every word is one token.
+    On joint models one draw serves every block: layers is 1 (the tables broadcast over blocks), and
+    flat is arange over the selection (a block's concept keys are the selected tokens, in this order;
+    longest = the longest chosen word).
+    """
+
+    flat: torch.Tensor
+    bias: torch.Tensor | None
+    mean: torch.Tensor | None
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, valid: torch.Tensor, device) -> "StepTables":
+        """positions, valid: [layers (1 on joint models), rows, concepts, longest word] -> the step's tables."""
+        flat = positions.flatten(2).to(device)
+        if valid.shape[-1] == 1:
+            return cls(flat=flat, bias=None, mean=None)
+        bias = None
+        if not valid.all():
+            bias = torch.zeros(valid.shape).masked_fill(~valid, float("-inf")).flatten(2)[:, :, None, :, None]
+            bias = bias.to(device)
+        weights = valid / valid.sum(dim=-1, keepdim=True)  # [layers, rows, concepts, longest]
+        # mean[l, r, c * longest + j, c'] = weights[l, r, c, j] if c == c' else 0
+        mean = torch.diag_embed(weights.transpose(-1, -2)).transpose(-3, -2).flatten(2, 3)
+        return cls(flat=flat, bias=bias, mean=mean.float().to(device))
+
+
+def word_table(spans: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of every word, padded: (positions, valid), each [concepts, most words, longest word].
+
+    spans[c][w]: (start, stop) of word w of concept c among the concept tokens (`ConceptTokens.spans`).
+    """
+    most = max(len(words) for words in spans)
+    longest = max(stop - start for words in spans for start, stop in words)
+    positions = torch.zeros(len(spans), most, longest, dtype=torch.long)
+    valid = torch.zeros(len(spans), most, longest, dtype=torch.bool)
+    for concept, words in enumerate(spans):
+        for word, (start, stop) in enumerate(words):
+            positions[concept, word, :stop - start] = torch.arange(start, stop)
+            valid[concept, word, :stop - start] = True
+    return positions, valid
