@@ -4,6 +4,8 @@
     python benchmarks/hrv_build.py                   # the embedded shapes model
     python benchmarks/hrv_build.py --model PATH      # any SD 1.x / 2.x / XL, SD3 or Flux pipeline (concepts: hrv34)
     python benchmarks/hrv_build.py --joint sd3,flux  # the embedded model, then small joint-attention models
+    python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 512 --steps 1 --repeats 5
+                                                     # the embedded model, then real-size SD3 / Flux blocks
 
 Throughput: one `HRVBuilder.fit` over N prompts (text encoding and key projection included).
 Overhead: the same prompt and seed generated three ways — plain, traced without hooks, traced with the
@@ -15,8 +17,15 @@ sizes, with the shapes concepts over the shapes tokenizer (23 one-token words):
         heads x 32, 16x16 = 256 image tokens, 24 CLIP + 24 T5 text tokens, guidance: an [uncond; cond] batch)
   flux  a Flux transformer of the same widths: 2 double- + 4 single-stream blocks x 4 heads x 32, 128 px
         images = 16x16 packed tokens, 24 T5 tokens, guidance embedded (one row per image)
+--real adds real-size joint backbones (`benchmarks/real_layouts.py`'s MODELS: SD3-medium's first 4 of
+24 joint blocks, Flux.1-dev's first double- and 2 single-stream blocks, at full width, random weights,
+one-layer text-encoder stand-ins of the real widths and the real text lengths: 77 CLIP + 256 T5 tokens
+for SD3, 512 T5 for Flux) with the HRV paper's 34 concepts (340 words, each word one token as most
+are in the real vocabularies), --real-side pixels (SD3: 2x2 patches of the 8x-down latent; 512 px =
+1,024 image tokens), the overhead arms only (a throughput build at this size takes hours on a CPU).
+The probe costs per block, so its ratio over the kept blocks is the whole model's at that size.
 Results are printed as a table and written atomically to benchmarks/results/hrv_build.json (the main
-model's fields at the top, each joint model's under "joint").
+model's fields at the top, each small joint model's under "joint", each real-size one's under "real").
 """
 from __future__ import annotations
 
@@ -95,7 +104,20 @@ def options():
                         help="also measure small random joint-attention models (see above), in this process")
     parser.add_argument("--joint-side", default=[16], type=_sides, metavar="16,32",
                         help="token-grid sides of the joint models (16: 256 image tokens, the shapes size; 32: 1,024)")
+    parser.add_argument("--real", default=None, type=_real_models, metavar="sd3-medium,flux-dev",
+                        help="also measure real-size joint backbones (see above), in this process")
+    parser.add_argument("--real-side", default=512, type=int, help="image side in pixels of the real-size runs")
     return parser
+
+
+def _real_models(value: str) -> list[str]:
+    from real_layouts import MODELS
+
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    joint = [name for name, spec in MODELS.items() if spec[0] != "unet"]
+    if not names or any(name not in joint for name in names):
+        raise argparse.ArgumentTypeError(f"{value!r}: give {', '.join(joint)} or both, comma-separated")
+    return names
 
 
 def _families(value: str) -> list[str]:
@@ -123,7 +145,37 @@ def measure(args) -> dict:
         result["joint"] = [measure_one(JOINT[family][1](side), f"{JOINT[family][0]}, {side}x{side} image tokens",
                                        shapes, joint_call(family, side), args)
                            for side in args.joint_side for family in args.joint]
-        print(side_by_side([result, *result["joint"]]))
+    if args.real:
+        result["real"] = [measure_real(name, args) for name in args.real]
+    if args.joint or args.real:
+        print(side_by_side([result, *result.get("joint", []), *result.get("real", [])]))
+    return result
+
+
+def measure_real(name: str, args) -> dict:
+    """The overhead arms on a real-size joint backbone (blocks kept as real_layouts keeps them), hrv34."""
+    from real_layouts import MODELS, TEXT_LENGTH
+
+    from headscope.concepts import ConceptSet
+    from headscope.testing_real import build_real_size
+
+    family, guidance, _, config, kept = MODELS[name]
+    concept_set = ConceptSet.load("hrv34")
+    prompt = "a photo of a dog next to a red car"
+    words = sorted({part for entries in concept_set.concepts.values() for entry in entries for part in entry.split()}
+                   | set(prompt.split()))
+    pipe = build_real_size(config, words)
+    call = {"height": args.real_side, "width": args.real_side, "max_sequence_length": TEXT_LENGTH[family],
+            "guidance_scale": guidance}
+    overhead = time_arms(pipe, concept_set, [prompt], call, args)
+    index = HeadIndex.from_model(pipe)
+    result = {"model": f"{name} ({kept}), random weights, {args.real_side} px", **harness.machine(pipe),
+              "family": family, "heads": index.n_heads, "layers": index.n_layers, "call_options": call,
+              "concepts": concept_set.name, "n_concepts": len(concept_set),
+              "n_words": sum(len(words) for words in concept_set.concepts.values()), "steps": args.steps,
+              **overhead}
+    print(f"{result['model']}: probe / plain x{overhead['probe_over_plain']}, traced / plain "
+          f"x{overhead['traced_over_plain']} (plain {overhead['median_seconds']['plain']:.2f} s)")
     return result
 
 

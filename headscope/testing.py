@@ -68,11 +68,12 @@ def _merges_making_whole(pieces: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer_files(folder) -> None:
-    """vocab.json + merges.txt of a small CLIP BPE vocabulary."""
+def write_tokenizer_files(folder, extra_words=()) -> None:
+    """vocab.json + merges.txt of a small CLIP BPE vocabulary (`extra_words`: more single-token words)."""
     alphabet = _bytes_to_unicode()
     vocab_list = alphabet + [char + "</w>" for char in alphabet]
-    pieces = [word + "</w>" for word in SINGLE_TOKEN_WORDS]
+    singles = list(dict.fromkeys([*SINGLE_TOKEN_WORDS, *extra_words]))
+    pieces = [word + "</w>" for word in singles]
     for parts in SPLIT_WORDS.values():
         pieces += parts[:-1] + [parts[-1] + "</w>"]
     merges = _merges_making_whole(pieces)

@@ -20,12 +20,13 @@ T5_WIDTH = 32  # T5 d_model = the transformers' joint_attention_dim
 T5_MAX_LENGTH = 512
 
 
-def build_t5_tokenizer():
-    """A T5Tokenizer over a small Unigram vocabulary (see the module docstring)."""
+def build_t5_tokenizer(extra_words=()):
+    """A T5Tokenizer over a small Unigram vocabulary (see the module docstring); `extra_words` are more
+    single-token words."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("▁" + word, -1.0) for word in SINGLE_TOKEN_WORDS]
+    pieces += [("▁" + word, -1.0) for word in dict.fromkeys([*SINGLE_TOKEN_WORDS, *extra_words])]
     for parts in SPLIT_WORDS.values():
         pieces += [("▁" + parts[0], -1.0)] + [(part, -1.0) for part in parts[1:]]
     # Single characters score low, so known words stay whole and unknown words still encode.

@@ -6,7 +6,9 @@ device and fills its weights cheaply (`materialize`: minutes of random initialis
 billions of parameters), then wraps it in its pipeline with text encoders that are one-layer
 stand-ins of the real output widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096) and CLIP's 77 positions,
 over the tokenizers of `headscope.testing` / `headscope.testing_joint`. The VAE is a four-level
-stand-in (scale factor 8) meant for `output_type="latent"`. Nothing is downloaded.
+stand-in (scale factor 8) meant for `output_type="latent"`. `words` become single tokens of both
+tokenizers (as most English words are of the real CLIP and T5 vocabularies), so concept sets such as
+the HRV paper's encode as they would on the real model. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 
-def build_real_size(config: dict):
+def build_real_size(config: dict, words=()):
     """The pipeline of a real denoiser config (`_class_name` picks SD / SDXL / SD3 / Flux), random weights,
     fp32, eval mode, progress bars off. Text encoders are one-layer stand-ins (see the module docstring)."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
@@ -31,7 +33,7 @@ def build_real_size(config: dict):
     materialize(model)
     family = backbone_for(model).family
     torch.manual_seed(0)
-    tokenizer = clip_tokenizer(Path(tempfile.mkdtemp(prefix="headscope-real-")))
+    tokenizer = clip_tokenizer(Path(tempfile.mkdtemp(prefix="headscope-real-")), words)
     clip_l = clip_config(tokenizer, 768)
     clip_g = clip_config(tokenizer, 1280)
     if family == "unet" and model.config.addition_embed_type != "text_time":
@@ -46,11 +48,11 @@ def build_real_size(config: dict):
         pipe = StableDiffusion3Pipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(),
                                         vae=tiny_vae(16), text_encoder=CLIPTextModelWithProjection(clip_l),
                                         tokenizer=tokenizer, text_encoder_2=CLIPTextModelWithProjection(clip_g),
-                                        tokenizer_2=tokenizer, text_encoder_3=t5_stand_in(), tokenizer_3=t5_tokenizer())
+                                        tokenizer_2=tokenizer, text_encoder_3=t5_stand_in(words), tokenizer_3=t5_tokenizer(words))
     else:
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(16),
-                            text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer, text_encoder_2=t5_stand_in(),
-                            tokenizer_2=t5_tokenizer(), transformer=model)
+                            text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer, text_encoder_2=t5_stand_in(words),
+                            tokenizer_2=t5_tokenizer(words), transformer=model)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -79,12 +81,12 @@ def materialize(model, seed: int = 0) -> None:
                 module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
 
 
-def clip_tokenizer(folder: Path):
+def clip_tokenizer(folder: Path, words=()):
     from transformers import CLIPTokenizer
 
     from headscope.testing import write_tokenizer_files
 
-    write_tokenizer_files(folder)
+    write_tokenizer_files(folder, words)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
@@ -98,17 +100,17 @@ def clip_config(tokenizer, width: int):
                           pad_token_id=tokenizer.pad_token_id, projection_dim=width)
 
 
-def t5_tokenizer():
+def t5_tokenizer(words=()):
     from headscope.testing_joint import build_t5_tokenizer
 
-    return build_t5_tokenizer()
+    return build_t5_tokenizer(words)
 
 
-def t5_stand_in():
+def t5_stand_in(words=()):
     """A one-layer T5 encoder with T5-XXL's output width (4096)."""
     from transformers import T5Config, T5EncoderModel
 
-    tokenizer = t5_tokenizer()
+    tokenizer = t5_tokenizer(words)
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
                                    num_heads=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))

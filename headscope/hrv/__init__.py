@@ -15,12 +15,15 @@ How an HRV is built (faithful to the paper's code; `HRVBuilder.fit`):
      multiplied by the number of heads, so every row has mean 1.
 
 Joint attention (SD3, Flux): there is no fixed text key per layer, since a block's text keys are
-projected from the text stream as it stands in that block. Every word of the set is carried through
-the text stream as concept tokens (`headscope.stream`, as ConceptAttention carries concepts: the
-block's own text-stream weights, one-way attention to [concepts; image], the image untouched), and at
-each block the image queries (after q-norm; RoPE on Flux) are scored against that block's concept keys
-(the text-stream projection and its k-norm; Flux's text positions are 0, where RoPE is the identity),
-with the model's scale 1/sqrt(head_dim); sampling, softmax, means and argmax as in step 3. The keys
+projected from the text stream as it stands in that block. The word sampled for each concept is drawn
+once per denoiser forward and row (a UNet draws per layer: a joint block's keys exist only for tokens
+carried from the first block), and only those words are carried through the text stream as concept
+tokens (`headscope.stream`, as ConceptAttention carries concepts: the block's own text-stream weights,
+one-way attention to [concepts; image], the image untouched), so the probe carries one word per concept,
+not the whole set (34 tokens instead of 340 for hrv34). At each block the image queries (after q-norm;
+RoPE on Flux) are scored against that block's concept keys (the text-stream projection and its
+k-norm; Flux's text positions are 0, where RoPE is the identity), with the model's scale
+1/sqrt(head_dim); softmax, means and argmax as in step 3. The keys
 differ per image, so the stream runs during the build. The file records the family ("unet", "sd3",
 "flux") and the head fingerprint; `HRV.check_compatible` refuses another family or layout.
 

@@ -72,6 +72,8 @@ class HRVBuilder:
         settings = {"model": model_meta(pipe), "fingerprint": index.fingerprint(),
                     "concepts": self.concepts.hash(), "prompts": _prompts_hash(prompts), "seed": self.seed,
                     "steps": steps, "guidance": guidance, "soft": self.soft, "batch_size": self.batch_size,
+                    # joint attention: one word draw per forward since #13 (older partial builds drew per block)
+                    **({"word_draws": "per forward"} if stream is not None else {}),
                     **({"call": self.call_options} if self.call_options else {})}
         with Processes() as processes:
             mine = processes.split(list(range(len(batches))))
