@@ -1,4 +1,4 @@
-"""Word-map quality on the shapes model, per map method and word role, on held-out prompts and seeds.
+"""Word-map quality on the shapes models, per map method and word role, on held-out prompts and seeds.
 
 Splits (disjoint in prompts and in seeds):
   calibration  prompts of `eval_scenes(seed=4321)` (--cal-single / --cal-pair, captions that are also
@@ -21,19 +21,32 @@ fit per role on the calibration split (highest mean IoU at tau = 0.4) and scored
                   per pair, averaged over pairs) and mAP (sklearn's average precision of the map's pixel
                   scores against the mask, averaged over pairs).
 
+Models (--models): the embedded UNet ("shapes", the default) and the SD3-style joint-attention model
+("shapes-mmdit"), one after the other in one process, each with its own shipped HRV and its call
+defaults (the joint model's max_sequence_length). On a joint model one more method, "concept":
+ConceptAttention's output-space concept maps, the caption's words of the word's role against
+"background", made in the same trace as the word maps (`daam_joint`), its step window and tau* fit on
+calibration as the others'. With more than one model a side-by-side table (model x method; per role
+pointing, mIoU at tau* and CA mIoU) ends the output.
+
 Maps of existing images (`headscope.image_maps`): scenes the renderer draws (no model drew them),
 scored against the renderer's own masks, calibration scenes from the calibration prompts (noise
 seeds from 100), held-out scenes from the held-out prompts (noise seeds from 0); the noising strength
-(--strengths) is one more choice fit on the calibration scenes.
+(--strengths) is one more choice fit on the calibration scenes. UNet only: the joint model has neither
+image maps nor the figure.
 
 The old keys stay: "summary" (plain DAAM, all steps, held-out split), "heads" (every head on its own,
 each resolution level, the k best heads ranked on half of the held-out prompts and scored on the
 other half) and "records". New: "splits", "methods", "image_maps", "goals"; and a figure
-(--figure, default daam_methods.png next to --out): image | each method's map | ground truth.
+(--figure, default daam_methods.png next to --out): image | each method's map | ground truth. Those keys
+hold the UNet's results; every other model's, the same keys and "concept_maps" (how they were made),
+are under "models": {"shapes-mmdit": {...}}.
 
 Usage:
   python benchmarks/daam_segmentation.py                 # embedded model (11 minutes on the shared 2 cores)
+  python benchmarks/daam_segmentation.py --models shapes,shapes-mmdit   # both embedded models, side by side
   python benchmarks/daam_segmentation.py --tiny          # smoke run on a tiny random pipeline
+  python benchmarks/daam_segmentation.py --tiny --models shapes,shapes-mmdit --image-cal 0
 """
 from __future__ import annotations
 
@@ -45,11 +58,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import daam_figure
+import daam_joint
 import harness
 import headscope
 import map_fit
 from headscope.errors import HeadscopeError
 from headscope.maps import metrics
+from headscope.models import DEFAULT_MODEL, EMBEDDED
 from headscope.shapes.annotate import annotate
 from headscope.shapes.evaluate import eval_scenes
 from headscope.shapes.world import COLORS, PLURALS, POSITIONS, SIZES, Scene
@@ -58,10 +74,6 @@ TAUS = (0.3, 0.4, 0.5)
 ROLE_ORDER = ("shape", "color", "size", "position")
 WINDOWS = {"all": None, "0.5:1": (0.5, 1.0), "0.75:1": (0.75, 1.0)}  # step windows: every method may pick one
 CAL_SCENE_SEED, IMAGE_CAL_SEED = 4321, 100
-FIGURE_METHODS = ("daam", "selective", "weighted", "fitted")
-FIGURE_PICKS = (("shape", "one object"), ("shape", "pair, second"), ("color", "one object"), ("size", ""),
-                ("position", ""))  # (role, context): one row each, each from another prompt
-FIGURE_RENDERED_PICKS = (("shape", "pair"),)
 
 
 def word_targets(scene: Scene, objects) -> list[tuple[str, str, int, list]]:
@@ -107,24 +119,30 @@ def _context(scene: Scene, word: str, occurrence: int) -> str:
 
 
 def evaluate_maps(pipe, scenes, seeds, *, steps: int, guidance: float, batch: int, upsample: str,
-                  windows: dict | None = None):
+                  windows: dict | None = None, call_options: dict | None = None, concepts: bool = False):
     """Records (one per content word and image). A scored record keeps its target mask (`target`), its
     per-layer native maps per step window (`maps`, see `map_fit.native_maps`), its per-head maps at
     latent size (`_heads`) and its image (`_image`); plain DAAM's scores (all heads, all steps) are in
-    the record's own keys (pointing, iou@tau, head_pointing)."""
+    the record's own keys (pointing, iou@tau, head_pointing). `concepts` (joint models): also its concept
+    map per window (`concept_maps`, see `daam_joint`), one image per trace."""
     windows = windows or {"all": None}
+    batch = 1 if concepts else batch  # a trace's concepts are shared by its images: each image gets its own
     records = []
     jobs = [(scene, seed) for seed in seeds for scene in scenes]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start: start + batch]
         generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
-        with headscope.trace(pipe, keep_steps=any(spec is not None for spec in windows.values())) as tc:
+        stream, roles = daam_joint.concept_stream(pipe, word_targets(chunk[0][0], [])) if concepts else (None, None)
+        keep_steps = any(spec is not None for spec in windows.values())
+        with headscope.trace(pipe, keep_steps=keep_steps, concepts=stream) as tc:
             images = pipe([s.caption for s, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=generators).images
+                          generator=generators, **(call_options or {})).images
         for i, ((scene, seed), image) in enumerate(zip(chunk, images)):
             for record in _word_records(scene, annotate(image), seed):
                 if record["found"]:
                     _add_maps(record, tc, i, windows)
+                    if concepts:
+                        daam_joint.add_concept_maps(record, tc, i, windows, roles)
                     _score_daam(record, tc.index.latent_hw, upsample)
                     record["_image"] = np.asarray(image)
                 records.append(record)
@@ -331,31 +349,6 @@ def goals(methods: dict, image_methods: dict | None) -> dict:
     return found
 
 
-def figure_rows(records, fit: map_fit.Fit, table: dict, *, label: str, picks) -> list[dict]:
-    """Panels of the comparison figure, one per (role, context) in `picks`: the first scored record of
-    that kind (any context when none) whose prompt no earlier row used, with every method's map (its
-    chosen view and heads)."""
-    rows, used = [], set()
-    for role, context in picks:
-        fresh = [r for r in records if r["found"] and r["role"] == role and r["prompt"] not in used]
-        record = next((r for r in fresh if context in r["context"]), fresh[0] if fresh else None)
-        if record is None:
-            continue
-        used.add(record["prompt"])
-        maps, scores = {}, {}
-        for method in FIGURE_METHODS:
-            entry = table.get(role, {}).get(method)
-            if entry is None or entry["config"]["view"] not in record["maps"]:
-                continue
-            choice = {"view": entry["config"]["view"], "k": entry["config"]["k"]}
-            heads = map_fit.head_stack(record["maps"][choice["view"]], record["target"].shape, fit.upsample)
-            maps[method] = map_fit.method_map(fit.weights(role, method, choice), heads)
-            scores[method] = metrics.daam_iou(maps[method], record["target"], 0.4)
-        rows.append({"image": record["_image"], "word": record["word"], "prompt": record["prompt"],
-                     "source": label, "maps": maps, "scores": scores, "truth": record["target"]})
-    return rows
-
-
 def ceilings(records, index, hrv, upsample: str) -> dict:
     """Why a map can miss, per role: the IoU@0.4 of the object's own mask average-pooled to each layer
     resolution and upsampled as a head's map is (the best any head of that level could do), and the
@@ -393,9 +386,12 @@ def options():
     parser.add_argument("--n-pair", type=int, default=24, help="held-out two-object prompts")
     parser.add_argument("--cal-single", type=int, default=32, help="calibration one-object prompts")
     parser.add_argument("--cal-pair", type=int, default=16, help="calibration two-object prompts")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--hrv", default=None, help="HRV file of selective / weighted (default: the model's own; "
-                                                    "--tiny: a random one)")
+    parser.add_argument("--batch", type=int, default=8, help="images per trace (a joint model: 1, see daam_joint)")
+    parser.add_argument("--models", default=DEFAULT_MODEL,
+                        help=f"embedded models to run, comma-separated, of {', '.join(EMBEDDED)} (default: "
+                             f"{DEFAULT_MODEL}); e.g. shapes,shapes-mmdit")
+    parser.add_argument("--hrv", default=None, help=f"HRV file of selective / weighted on {DEFAULT_MODEL} or --model "
+                                                    "(default: each model's own; --tiny: a random one)")
     parser.add_argument("--image-cal", type=int, default=16, help="rendered calibration scenes (0: no image maps)")
     parser.add_argument("--image-heldout", type=int, default=24, help="rendered held-out scenes")
     parser.add_argument("--strengths", default="0.3,0.5,0.7", help="noising strengths to choose from")
@@ -412,17 +408,18 @@ def _numbers(text: str, kind=int) -> list:
     return [kind(part) for part in text.split(",") if part.strip()]
 
 
-def _hrv(args, pipe):
+def _hrv(args, pipe, path):
+    """(the HRV of selective / weighted, what it is): `path`, the model's shipped HRV, or with --tiny a random one."""
     from headscope.steer.scale import resolve_hrv
 
-    if args.tiny and args.hrv is None:
+    if args.tiny and path is None:
         from headscope.shapes.world import GEOMETRIC
         from headscope.testing import random_hrv
 
         words = {"color": [c for c in COLORS if c not in ("rose", "orange")], "shape": list(GEOMETRIC),
                  "size": list(SIZES), "position": list(POSITIONS)}
         return random_hrv(pipe, words, seed=0), "random HRV (--tiny)"
-    return resolve_hrv(pipe, args.hrv), args.hrv or "the model's own HRV"
+    return resolve_hrv(pipe, path), path or "the model's own HRV"
 
 
 def _splits(args):
@@ -473,39 +470,60 @@ def _image_size(records) -> tuple[int, int]:
 
 
 def measure(args) -> dict:
+    """The default model's result under the old keys, every other model's under "models"."""
+    names = _models(args)
+    if set(_numbers(args.seeds)) & set(_numbers(args.cal_seeds)):
+        raise HeadscopeError(f"--seeds {args.seeds} and --cal-seeds {args.cal_seeds} overlap; the splits must not share seeds")
+    results = {name: measure_model(args, name) for name in names}
+    if len(results) > 1:
+        print(daam_joint.side_by_side(results))
+    primary = results.pop(DEFAULT_MODEL, {})
+    return {**primary, "models": results} if results else primary
+
+
+def _models(args) -> list[str]:
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EMBEDDED]
+    if unknown or not names:
+        raise HeadscopeError(f"--models {args.models}: give embedded models, comma-separated, of {', '.join(EMBEDDED)}")
+    if args.model is not None and names != [DEFAULT_MODEL]:
+        raise HeadscopeError(f"--model {args.model} runs that one pipeline; --models names embedded models: give one "
+                             "or the other")
+    return list(dict.fromkeys(names))
+
+
+def measure_model(args, name: str) -> dict:
+    """One model's result: its word maps (and on a joint model its concept maps) fit and scored."""
     from headscope.models import model_defaults
 
-    pipe, model_name = harness.load(args)
+    primary = name == DEFAULT_MODEL
+    pipe, model_name = harness.load(args) if primary else daam_joint.load(args, name)
+    joint = daam_joint.is_joint(pipe)
     guidance = args.guidance if args.guidance is not None else model_defaults(pipe).get("guidance_scale", 5.0)
-    hrv, hrv_name = _hrv(args, pipe)
+    hrv, hrv_name = _hrv(args, pipe, args.hrv if primary else None)
     cal_scenes, held_scenes = _splits(args)
     seeds, cal_seeds = _numbers(args.seeds), _numbers(args.cal_seeds)
-    if set(seeds) & set(cal_seeds):
-        raise HeadscopeError(f"--seeds {args.seeds} and --cal-seeds {args.cal_seeds} overlap; the splits must not share seeds")
+    generation = {"steps": args.steps, "guidance": guidance, "batch": args.batch, "upsample": args.upsample,
+                  "windows": WINDOWS, "call_options": daam_joint.call_options(pipe, bool(args.tiny)),
+                  "concepts": joint}
     started = time.perf_counter()
-    print(f"calibration: {len(cal_scenes)} prompts x seeds {cal_seeds}", file=sys.stderr)
-    calibration = evaluate_maps(pipe, cal_scenes, cal_seeds, steps=args.steps, guidance=guidance, batch=args.batch,
-                                upsample=args.upsample, windows=WINDOWS)
-    print(f"held-out: {len(held_scenes)} prompts x seeds {seeds}", file=sys.stderr)
-    records = evaluate_maps(pipe, held_scenes, seeds, steps=args.steps, guidance=guidance, batch=args.batch,
-                            upsample=args.upsample, windows=WINDOWS)
+    print(f"{name}: calibration: {len(cal_scenes)} prompts x seeds {cal_seeds}", file=sys.stderr)
+    calibration = evaluate_maps(pipe, cal_scenes, cal_seeds, **generation)
+    print(f"{name}: held-out: {len(held_scenes)} prompts x seeds {seeds}", file=sys.stderr)
+    records = evaluate_maps(pipe, held_scenes, seeds, **generation)
     index = _head_index(pipe)
     size = _image_size(records)
     fit = map_fit.Fit(hrv, index.n_heads, list(WINDOWS), size, args.upsample)
-    methods = map_fit.fit_and_score(fit, [r for r in calibration if r["found"]], [r for r in records if r["found"]])
+    scored_cal, scored = [r for r in calibration if r["found"]], [r for r in records if r["found"]]
+    methods = map_fit.fit_and_score(fit, scored_cal, scored)
+    if joint:
+        for role, entry in daam_joint.score_concepts(scored_cal, scored, list(WINDOWS), size, args.upsample).items():
+            methods.setdefault(role, {}).update(entry)
     table = summarize(records)
     heads = head_analysis(records, index, args.upsample)
-    image_maps = _image_maps(pipe, args, cal_scenes, held_scenes, index, hrv)
-    rows = figure_rows(records, fit, methods, label="generated", picks=FIGURE_PICKS)
-    if image_maps:
-        rows += figure_rows(image_maps.pop("_heldout"), image_maps.pop("_fit"), image_maps["methods"],
-                            label="rendered", picks=FIGURE_RENDERED_PICKS)
-    figure = args.figure or args.out.with_name("daam_methods.png")
-    if rows:
-        from headscope import viz
-
-        viz.save_figure(viz.method_comparison_figure(rows, FIGURE_METHODS), figure)
-        print(f"wrote {figure}", file=sys.stderr)
+    image_maps = None if joint else _image_maps(pipe, args, cal_scenes, held_scenes, index, hrv)
+    if not joint:
+        daam_figure.save(args.figure or args.out.with_name("daam_methods.png"), records, fit, methods, image_maps)
     print(f"DAAM vs annotator masks — {model_name}, held-out {len(held_scenes)} prompts x {len(seeds)} seeds, "
           f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
     print(format_table(table))
@@ -516,33 +534,38 @@ def measure(args) -> dict:
         print(format_methods(image_maps["methods"], f"maps of {image_maps['heldout_scenes']} rendered held-out scenes "
                                                     "(strength, window, k fit on rendered calibration scenes)"))
     reached = goals(methods, image_maps and image_maps["methods"])
-    print("goals: " + "; ".join(f"{name} {e['value'] if e['value'] is None else round(e['value'], 3)} "
+    print("goals: " + "; ".join(f"{goal} {e['value'] if e['value'] is None else round(e['value'], 3)} "
                                 f"({e['method']}){'' if e['goal'] is None else ' met' if e['met'] else ' missed'}"
-                                for name, e in reached.items()))
-    return {"model": model_name, "prompts": len(held_scenes), "seeds": seeds, "steps": args.steps,
-            "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
-            "summary": table, "heads": heads,
-            "splits": {"calibration": {"prompts": len(cal_scenes), "scene_seed": CAL_SCENE_SEED, "seeds": cal_seeds,
-                                       "words_scored": sum(r["found"] for r in calibration)},
-                       "heldout": {"prompts": len(held_scenes), "scene_seed": 1234, "seeds": seeds,
-                                   "words_scored": sum(r["found"] for r in records)},
-                       "views": {name: spec for name, spec in WINDOWS.items()}, "hrv": hrv_name,
-                       "fit": "per role and method: view (step window; strength for image maps) and k with the "
-                              "highest calibration mean IoU at tau=0.4, then tau* on " + str(list(map_fit.TAU_GRID)),
-                       "k_grid": fit.ks},
-            "methods": methods, "image_maps": image_maps, "goals": reached,
-            "ceilings": ceilings(records, index, hrv, args.upsample),
-            "records": [_public(record) for record in records]}
+                                for goal, e in reached.items()))
+    result = {"model": model_name, "prompts": len(held_scenes), "seeds": seeds, "steps": args.steps,
+              "guidance": guidance, "upsample": args.upsample, "seconds": time.perf_counter() - started,
+              "summary": table, "heads": heads,
+              "splits": {"calibration": {"prompts": len(cal_scenes), "scene_seed": CAL_SCENE_SEED, "seeds": cal_seeds,
+                                         "words_scored": len(scored_cal)},
+                         "heldout": {"prompts": len(held_scenes), "scene_seed": 1234, "seeds": seeds,
+                                     "words_scored": len(scored)},
+                         "views": {view: spec for view, spec in WINDOWS.items()}, "hrv": hrv_name,
+                         "fit": "per role and method: view (step window; strength for image maps) and k with the "
+                                "highest calibration mean IoU at tau=0.4, then tau* on " + str(list(map_fit.TAU_GRID)),
+                         "k_grid": fit.ks},
+              "methods": methods, "image_maps": image_maps, "goals": reached,
+              "ceilings": ceilings(records, index, hrv, args.upsample),
+              "records": [_public(record) for record in records]}
+    if joint:
+        result["call_options"] = generation["call_options"]
+        result["concept_maps"] = daam_joint.protocol(index, WINDOWS)
+    return result
 
 
 def _head_index(pipe):
     from headscope.heads import HeadIndex
 
-    return HeadIndex.from_unet(pipe.unet)
+    return HeadIndex.from_model(pipe)
 
 
 def _public(record: dict) -> dict:
-    return {key: value for key, value in record.items() if not key.startswith("_") and key not in ("maps", "target")}
+    hidden = ("maps", "concept_maps", "target")
+    return {key: value for key, value in record.items() if not key.startswith("_") and key not in hidden}
 
 
 def main(argv=None) -> int:

@@ -158,14 +158,15 @@ class Fit:
         return torch.nonzero(self.weights(role, method, choice)).flatten().tolist()
 
 
-def fit_and_score(fit: Fit, calibration, heldout) -> dict:
-    """{role: {method: {"config", "calibration", "heldout"}}}: every method fit on calibration, scored held-out
-    (the oracle both chosen and scored on held-out)."""
-    fit.rank_heads(calibration, heldout)
+def fit_and_score(fit: Fit, calibration, heldout, methods=METHODS) -> dict:
+    """{role: {method: {"config", "calibration", "heldout"}}}: each of `methods` fit on calibration, scored
+    held-out (the oracle both chosen and scored on held-out). Heads are ranked only for fitted or oracle."""
+    if {"fitted", "oracle"} & set(methods):
+        fit.rank_heads(calibration, heldout)
     cal_scores, held_scores = fit.cheap_scores(calibration), fit.cheap_scores(heldout)
     table: dict = {}
     for role in ROLES:
-        for method in METHODS:
+        for method in methods:
             choice = fit.choose(held_scores if method == "oracle" else cal_scores, role, method)
             if choice is None:
                 continue

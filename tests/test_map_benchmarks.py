@@ -1,4 +1,5 @@
-"""The benchmarks of maps and of the model: daam_segmentation, position_probe and vae_reconstruction run end to end."""
+"""The benchmarks of maps and of the model: daam_segmentation (both shapes models), position_probe and
+vae_reconstruction run end to end."""
 import importlib.util
 import json
 import sys
@@ -64,11 +65,82 @@ def test_daam_benchmark_fits_on_calibration_and_scores_every_method_on_heldout_r
     assert "noun_miou@0.4" in result["goals"]
 
 
+@pytest.fixture(scope="module")
+def side_by_side_run(tmp_path_factory):
+    """One smoke run of daam_segmentation on both tiny models, UNet and SD3-style: (its JSON, its stdout)."""
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("daam-models") / "daam.json", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _load("daam_segmentation").main([
+            "--tiny", "--models", "shapes,shapes-mmdit", "--n-single", "5", "--n-pair", "1", "--cal-single", "2",
+            "--cal-pair", "1", "--steps", "2", "--seeds", "0", "--cal-seeds", "1", "--image-cal", "0",
+            "--out", str(out)])
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_daam_benchmark_keeps_the_unets_keys_and_puts_the_joint_model_under_models(side_by_side_run):
+    result, printed = side_by_side_run
+    assert "build_tiny_shapes" in result["model"] and "summary" in result and "records" in result
+    assert not any("concept" in methods for methods in result["methods"].values())
+    joint = result["models"]["shapes-mmdit"]
+    assert "random_mmdit_pipeline" in joint["model"] and joint["call_options"] == {"max_sequence_length": 24}
+    assert joint["image_maps"] is None and len(joint["heads"]["shape"]["head_pointing"]) == 4  # 2 blocks x 2 heads
+    assert not any("concept_maps" in record or "maps" in record for record in joint["records"])
+    assert "shapes-mmdit  concept" in printed and "shapes        daam" in printed  # one side-by-side table
+
+
+def test_daam_benchmark_fits_the_joint_models_concept_maps_on_calibration_and_scores_them_held_out(side_by_side_run):
+    joint = side_by_side_run[0]["models"]["shapes-mmdit"]
+    nouns = joint["methods"]["shape"]
+    assert {"daam", "selective", "weighted", "fitted", "oracle", "concept"} <= set(nouns)
+    concept = nouns["concept"]
+    assert concept["chosen_on"] == "calibration" and concept["config"]["view"] in ("all", "0.5:1", "0.75:1")
+    held = concept["heldout"]
+    assert held["n"] == nouns["daam"]["heldout"]["n"] >= 1  # the same words, from the same traces
+    assert 0.0 <= held["miou@fit"] <= 1.0 and 0.0 <= held["mean_threshold_miou"] <= 1.0
+    assert joint["concept_maps"]["layers"] == ["transformer_blocks.1.attn"]  # the later half of 2 blocks
+
+
+def test_the_benchmarks_concept_maps_average_as_the_librarys_and_a_roles_softmax_is_over_its_concepts(tiny_sd3):
+    from headscope.maps.concepts import default_layers
+    from headscope.maps.daam import _upsample
+    from headscope.testing_joint import generate_joint
+
+    daam_joint = _load("daam_joint")
+    targets = [("red", "color", 0, []), ("circle", "shape", 0, []), ("square", "shape", 0, [])]
+    stream, roles = daam_joint.concept_stream(tiny_sd3, targets)
+    assert stream.entries == ["red", "circle", "square", "background"]
+    with headscope.trace(tiny_sd3, concepts=stream, keep_steps=True) as tc:
+        generate_joint(tiny_sd3, "a red circle and a blue square", steps=3)
+    every = stream.readers[0]  # the library's reader, over every carried word
+    for steps in (None, (0.5, 1.0)):
+        native = daam_joint.concept_native(tc, every, stream.entries, "square", 0, steps)
+        expected = tc.concept_maps(["square"], steps=steps)[0]
+        assert torch.allclose(_upsample(native[None], tc.image_size, "bicubic")[0], expected, atol=1e-5)
+    concepts, shapes = roles["shape"]
+    assert concepts == ["circle", "square", "background"]
+    layer = default_layers(tc.index)[0]
+    ours, library = shapes.per_step[layer][1][0], every.per_step[layer][1][0]  # [concepts, h, w], step 1
+    assert torch.allclose(ours.sum(dim=0), torch.ones_like(ours[0]), atol=1e-5)  # a softmax over the role's own
+    assert torch.allclose(ours[0] / ours[1], library[1] / library[2], rtol=1e-4)  # of the same scores
+
+
 def test_overlapping_calibration_and_heldout_seeds_are_refused(tmp_path, capsys):
     benchmark = _load("daam_segmentation")
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--tiny", "--seeds", "0,1", "--cal-seeds", "1,2", "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and "overlap" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--models", "shapes,sd3"], "give embedded models"),
+                                           (["--model", "folder", "--models", "shapes-mmdit"], "one or the other")])
+def test_models_that_are_not_embedded_or_that_clash_with_model_are_refused(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _load("daam_segmentation").main([*argv, "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
