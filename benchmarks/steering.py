@@ -3,6 +3,9 @@
     python benchmarks/steering.py --tiny                    # smoke run on a tiny random pipeline
     python benchmarks/steering.py                           # the embedded shapes model and its HRV
     python benchmarks/steering.py --n-prompts 10 --tasks polysemy neglect
+    # both embedded models side by side, in one process (issue #16; 50 prompts per task):
+    python benchmarks/steering.py --models shapes,shapes-mmdit --tasks polysemy neglect \
+        --out benchmarks/results/steering_models.json
 
 Tasks (each prompt with its own fixed seed, 1000 + prompt number; every image is read back by the
 shapes annotator, `headscope.shapes.annotate`):
@@ -39,12 +42,25 @@ Every task keeps its per-prompt records; differences from the baseline on the sa
 with an exact McNemar test (two-sided binomial test on the discordant pairs).
 Results are printed as a table and written atomically to benchmarks/results/steering.json; with
 --images DIR, a contact sheet per prompt set (its first prompts, one column per variant) goes to DIR.
+
+--models NAME,NAME runs the tasks on each embedded model in turn ("shapes": the UNet; "shapes-mmdit":
+the SD3-style joint-attention model, called with its shipped call defaults), each with its own HRV,
+steps and guidance, on the same prompts and seeds: those every model's text encoders take (the mmdit's
+T5 knows only the training captions' words, so beside it the end-word set is its 12 "in rose"
+captions, without "colored" and "painted"). The first model's results keep the one-model keys;
+each other's go under "models": {NAME: {...}} with the same layout; the table has a value and an n
+column per model. With --tiny the names stand for tiny random pipelines of their families (SD, SD3).
+What a joint-attention model lacks is reported as n/a with the reason ("unsupported" in the JSON):
+editing (prompt-to-prompt injects a UNet's cross- and self-attention maps) and diffusers' A&E pipeline
+(SD 1.x / 2.x only). Every other task and variant runs unchanged: head scaling acts on the image
+queries' text keys, A&E and A&E-HRV on the joint-attention maps.
 """
 from __future__ import annotations
 
-import random
+import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -54,17 +70,25 @@ import torch
 
 import harness
 from headscope.errors import HeadscopeError
+from steering_prompts import (crowded_prompts, edit_pairs, end_word_scenes, object_sense_scenes, pair_scenes,
+                              polysemy_scenes, single_scenes)
+from steering_table import table
 
 TASKS = ("overhead", "polysemy", "neglect", "crowded", "editing", "strengthening", "binding")
 NEGLECT_METHODS = ("plain", "ae", "ae-hrv", "heads", "diffusers-ae")
 CROWDED_METHODS = ("plain", "ae", "ae-hrv", "heads")
-PLAIN_COLORS = ("red", "green", "blue", "yellow", "purple", "white")
+UNET_ONLY = {"editing": "P2P edits UNet cross/self-attention",  # task or method -> why joint models lack it
+             "diffusers-ae": "diffusers' A&E pipeline is SD 1.x/2.x only"}
+TINY_SD3 = "tiny random SD3 pipeline (headscope.testing_joint.build_tiny_sd3)"
 SHEET_ROWS = 8  # prompts per contact sheet (--images)
 BACKGROUND_TOLERANCE = 16  # a background pixel is unchanged when no channel moved by more than this (0-255)
 
 
 def options():
     parser = harness.parser(__doc__, "steering", tiny="sd")
+    parser.add_argument("--models", type=_models, default=None, metavar="shapes,shapes-mmdit",
+                        help="embedded models to run side by side in this process (default: --model, or the "
+                             "embedded shapes model; with --tiny, tiny random pipelines of their families)")
     parser.add_argument("--hrv", default=None, help="HRV file (default: the model's own HRV; --tiny: a random one)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--n-prompts", type=int, default=None, help="prompts per task (default 50; --tiny: 4)")
@@ -77,28 +101,99 @@ def options():
     return parser
 
 
+def _models(value: str) -> list[str]:
+    from headscope.models import EMBEDDED
+
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    if not names or len(set(names)) < len(names) or any(name not in EMBEDDED for name in names):
+        raise argparse.ArgumentTypeError(f"{value!r}: give embedded models once each, of {', '.join(EMBEDDED)}")
+    return names
+
+
 def measure(args) -> dict:
     if args.n_prompts is None:
         args.n_prompts = 4 if args.tiny else 50
     if args.n_prompts < 1:
         raise HeadscopeError(f"--n-prompts must be at least 1, not {args.n_prompts}")
+    names = model_names(args)
     _quiet()
-    pipe, model = harness.load(args)
+    loaded = {name: load(args, name) for name in names}
+    checks = [prompt_check(pipe) for pipe, _ in loaded.values()]  # every model gets the same prompts
+    results = {name: measure_model(args, name, *loaded[name], checks, sheet_prefix=f"{name}-" if number else "")
+               for number, name in enumerate(names)}
+    print(table(results))
+    first, *others = results.values()
+    if others:
+        first["models"] = {name: results[name] for name in names[1:]}
+    return first
+
+
+def model_names(args) -> list[str | None]:
+    """The models to run: the names of --models, or [None] for the one model of --model, --tiny or the default."""
+    if not args.models:
+        return [None]
+    if args.model:
+        raise HeadscopeError("--models names embedded models; give --model or --models, not both")
+    if args.hrv and len(args.models) > 1:
+        raise HeadscopeError("--hrv is one model's HRV; give it with one model (each of --models uses its own)")
+    return args.models
+
+
+def measure_model(args, name: str | None, pipe, model: str, checks: list, sheet_prefix: str = "") -> dict:
+    """The tasks on one model (`name` of --models; None: --model), a task its family lacks as unsupported, on the
+    prompts every `checks` takes; its contact sheets (--images) go to files named with `sheet_prefix` first."""
     hrv = load_hrv(pipe, args)
     steps, guidance = settings(pipe, args)
-    context = Context(pipe, hrv, args, steps, guidance)
+    context = Context(pipe, hrv, args, steps, guidance, checks)
     result = {"model": model, "hrv": args.hrv or ("random (tiny)" if args.tiny else "model default"),
               **harness.machine(pipe), "steps": steps, "guidance": guidance, "n_prompts": args.n_prompts, "tasks": {}}
     for task in args.tasks:
         started = time.perf_counter()
-        print(f"[steering] {task}...", file=sys.stderr, flush=True)
+        print(f"[steering] {name + ': ' if name else ''}{task}...", file=sys.stderr, flush=True)
+        why = context.lacks(task)
+        if why:
+            result["tasks"][task] = {"unsupported": why}
+            continue
         result["tasks"][task] = RUNNERS[task](context)
         result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - started, 2)
-    print(table(result))
-    for name, rows in context.sheets.items():
-        path = Path(args.images) / (name.replace("/", "-") + ".png")
-        print(f"wrote {save_sheet(contact_sheet(name, rows), path)}", file=sys.stderr)
+    for sheet, rows in context.sheets.items():
+        path = Path(args.images) / (sheet_prefix + sheet.replace("/", "-") + ".png")
+        print(f"wrote {save_sheet(contact_sheet(sheet_prefix + sheet, rows), path)}", file=sys.stderr)
     return result
+
+
+def load(args, name: str | None):
+    """(pipeline, what it is): embedded model `name` (with --tiny, a tiny random pipeline of its family), or
+    for None the one pipeline of --model / --tiny."""
+    if args.tiny and name == "shapes-mmdit":
+        from headscope.testing_joint import build_tiny_sd3
+
+        return build_tiny_sd3(Path(tempfile.mkdtemp(prefix="headscope-bench-"))), TINY_SD3
+    return harness.load(argparse.Namespace(**{**vars(args), "model": name or args.model}))
+
+
+def prompt_check(pipe):
+    """Whether a prompt fits the text encoders of `pipe` whose tokens are keys: CLIP's token limit, and SD3's
+    T5 at the model's max_sequence_length, in words its tokenizer knows (the shapes-mmdit's T5 vocabulary is
+    the training captions' words). The tiny tokenizers spell unknown words letter by letter."""
+    from headscope.models import call_defaults
+    from headscope.prompts import prompt_tokens
+    from headscope.steer import key_encoders, max_length
+
+    limit, defaults = max_length(pipe), call_defaults(pipe)
+    others = [encoder for encoder in key_encoders(pipe) if encoder != "clip"]
+
+    def fits(prompt: str) -> bool:
+        if len(pipe.tokenizer(prompt).input_ids) > limit:
+            return False
+        try:
+            for encoder in others:
+                prompt_tokens(pipe, prompt, encoder, **defaults)
+        except HeadscopeError:
+            return False
+        return True
+
+    return fits
 
 
 def main(argv=None) -> int:
@@ -135,11 +230,14 @@ def settings(pipe, args) -> tuple[int, float]:
 class Context:
     """What every task needs: pipeline, HRV, options, generation settings; one generation helper."""
 
-    def __init__(self, pipe, hrv, args, steps: int, guidance: float):
+    def __init__(self, pipe, hrv, args, steps: int, guidance: float, checks: list):
         self.pipe, self.hrv, self.args, self.steps, self.guidance = pipe, hrv, args, steps, guidance
-        from headscope.steer import max_length
+        from headscope.backbones import backbone_for
+        from headscope.models import call_defaults
 
-        self.max_tokens = max_length(pipe)
+        self.checks = checks  # prompt_check of every model of the run
+        self.family = backbone_for(pipe).family
+        self.defaults = call_defaults(pipe)  # the mmdit's max_sequence_length
         self._plain: dict = {}
         self.sheets: dict[str, dict[str, dict]] = {}  # prompt set -> row label -> variant -> image
 
@@ -152,12 +250,16 @@ class Context:
             rows.setdefault(row, {})[variant] = image
 
     def fits(self, prompt: str) -> bool:
-        """Whether the prompt fits the text encoder (the tiny tokenizer spells unknown words letter by letter)."""
-        return len(self.pipe.tokenizer(prompt).input_ids) <= self.max_tokens
+        """Whether every model of the run takes the prompt (`prompt_check`), so all get the same prompt sets."""
+        return all(check(prompt) for check in self.checks)
+
+    def lacks(self, name: str) -> str | None:
+        """Why this model's family has no task or method `name` (UNET_ONLY on joint models); None when it has."""
+        return UNET_ONLY.get(name) if self.family != "unet" else None
 
     def call(self, seed: int, guidance: float | None = None) -> dict:
         return dict(num_inference_steps=self.steps, guidance_scale=self.guidance if guidance is None else guidance,
-                    generator=torch.Generator("cpu").manual_seed(seed))
+                    generator=torch.Generator("cpu").manual_seed(seed), **self.defaults)
 
     def generate(self, prompt: str, seed: int, hooks=None, guidance: float | None = None):
         """(PIL image, seconds): plain with hooks=None, else inside a steering-only trace with `hooks`."""
@@ -177,107 +279,6 @@ class Context:
         if key not in self._plain:
             self._plain[key] = self.generate(prompt, seed, None, guidance)[0]
         return self._plain[key]
-
-
-# -- prompts --------------------------------------------------------------------------------------
-
-def single_scene(shape: str, color: str, size: str, position: str):
-    """A one-object scene whose caption names size, colour, shape and position."""
-    from headscope.shapes.world import POSITION_PHRASES, POSITIONS, ObjectSpec, Scene, noun_phrase
-
-    center = tuple(float(coordinate) for coordinate in POSITIONS[position])
-    obj = ObjectSpec(shape=shape, color=color, size=size, position=position, center=center)
-    caption = noun_phrase(obj, say_size=True, say_color=True, say_fill=True) + " " + POSITION_PHRASES[position]
-    return Scene([obj], caption, "single", {"size": True, "color": True, "fill": True, "position": True})
-
-
-def pair_scene(first: tuple[str, str], second: tuple[str, str]):
-    """'a red circle and a blue square' (no sizes or positions said)."""
-    from headscope.shapes.world import ObjectSpec, Scene, article
-
-    objects = [ObjectSpec(shape=shape, color=color, size="large", position="center")
-               for color, shape in (first, second)]
-    caption = " and ".join(f"{article(color)} {color} {shape}" for color, shape in (first, second))
-    return Scene(objects, caption, "pair", {"size": False, "color": True, "fill": True, "position": False})
-
-
-def pick(context: Context, candidates: list, salt: int) -> list:
-    """n_prompts of the candidates (a fixed shuffle), skipping captions the text encoder cannot take."""
-    shuffled = list(candidates)
-    random.Random(salt).shuffle(shuffled)
-    fitting = [item for item in shuffled if context.fits(_caption(item))]
-    return fitting[:context.args.n_prompts]
-
-
-def _caption(item) -> str:
-    return item.caption if hasattr(item, "caption") else item[0].caption
-
-
-def polysemy_scenes(context: Context) -> list:
-    from headscope.shapes.world import GEOMETRIC, POLYSEMOUS, POSITIONS, SIZES
-
-    candidates = [single_scene(shape, word, size, position) for word in POLYSEMOUS for shape in GEOMETRIC
-                  for size in SIZES for position in POSITIONS]
-    return pick(context, candidates, 1)
-
-
-END_WORD_TEMPLATES = ("{a} {shape} in rose", "{a} {shape} colored rose", "{a} {shape} painted rose", "one {shape} in rose")
-
-
-def end_word_scenes(context: Context) -> list:
-    """'a square in rose', 'a star painted rose': the colour word 'rose' ends the prompt.
-
-    The set was chosen on a pilot with other seeds (7000-7003): with the colour word last the model drew
-    the rose glyph in 0.33 of the images for 'rose' but 0.02 for 'orange', and 0.00-0.11 with 'in the
-    color rose', 'that is rose' or 'the ... in rose' (a size word before the shape also lowers it).
-    There are 24 captions; each comes back with another seed until the set has n_prompts prompts.
-    """
-    from headscope.shapes.world import GEOMETRIC, ObjectSpec, Scene, article
-
-    captions = [template.format(a=article(shape), shape=shape) for template in END_WORD_TEMPLATES
-                for shape in GEOMETRIC]
-    scenes = [Scene([ObjectSpec(shape=caption.split()[1], color="rose", size="large", position="center")], caption,
-                    "single", {"size": False, "color": True, "fill": True, "position": False}) for caption in captions]
-    fitting, chosen = [scene for scene in scenes if context.fits(scene.caption)], []
-    for repeat in range(-(-context.args.n_prompts // max(1, len(fitting)))):  # every caption once per round
-        block = list(fitting)
-        random.Random(7 + repeat).shuffle(block)
-        chosen += block
-    return chosen[:context.args.n_prompts]
-
-
-def pair_scenes(context: Context) -> list:
-    from headscope.shapes.world import GEOMETRIC
-
-    candidates = [pair_scene((c1, s1), (c2, s2)) for c1 in PLAIN_COLORS for s1 in GEOMETRIC for c2 in PLAIN_COLORS
-                  for s2 in GEOMETRIC if s1 != s2 and c1 != c2]
-    return pick(context, candidates, 2)
-
-
-def single_scenes(context: Context, salt: int) -> list:
-    from headscope.shapes.world import GEOMETRIC, HELD_OUT, POSITIONS, SIZES
-
-    candidates = [single_scene(shape, color, size, position) for color in PLAIN_COLORS for shape in GEOMETRIC
-                  for size in SIZES for position in POSITIONS if (color, shape) not in HELD_OUT]
-    return pick(context, candidates, salt)
-
-
-def edit_pairs(context: Context) -> list:
-    """(source scene, target scene, kind): colour edits and shape edits, half each."""
-    from headscope.shapes.world import GEOMETRIC
-
-    rng = random.Random(3)
-    pairs = []
-    for source in single_scenes(context, 3):
-        obj = source.objects[0]
-        if len(pairs) % 2 == 0:
-            kind, color, shape = "color", rng.choice([c for c in PLAIN_COLORS if c != obj.color]), obj.shape
-        else:
-            kind, color, shape = "shape", obj.color, rng.choice([s for s in GEOMETRIC if s != obj.shape])
-        target = single_scene(shape, color, obj.size, obj.position)
-        if context.fits(target.caption):
-            pairs.append((source, target, kind))
-    return pairs
 
 
 # -- tasks ----------------------------------------------------------------------------------------
@@ -375,22 +376,6 @@ def _summarise(name: str, records: list[dict], variants, metrics) -> dict:
     return summary
 
 
-def object_sense_scenes(context: Context) -> list:
-    """'a large rose on the left': the drawn object (glyph) sense of each polysemous word."""
-    from headscope.shapes.world import POLYSEMOUS, POSITION_PHRASES, POSITIONS, SIZES, ObjectSpec, Scene, article
-
-    candidates = []
-    for word in POLYSEMOUS:
-        for size in SIZES:
-            for position in POSITIONS:
-                obj = ObjectSpec(shape=word, color="orange" if word == "orange" else "red", size=size,
-                                 position=position, center=tuple(float(c) for c in POSITIONS[position]))
-                caption = f"{article(size)} {size} {word} {POSITION_PHRASES[position]}"
-                candidates.append(Scene([obj], caption, "single",
-                                        {"size": True, "color": False, "fill": True, "position": True}))
-    return pick(context, candidates, 6)
-
-
 def _neglect_image(context: Context, method: str, caption: str, subjects: dict, seed: int):
     from headscope.steer import AttendAndExcite, diffusers_attend_and_excite, heads_hook
 
@@ -408,11 +393,12 @@ def _neglect_image(context: Context, method: str, caption: str, subjects: dict, 
 def task_neglect(context: Context) -> dict:
     from headscope.shapes.annotate import annotate, score_scene
 
-    records, seconds = [], {method: [] for method in NEGLECT_METHODS}
+    methods = [method for method in NEGLECT_METHODS if not context.lacks(method)]
+    records, seconds = [], {method: [] for method in methods}
     for number, scene in enumerate(pair_scenes(context)):
         subjects = {obj.shape: "shape" for obj in scene.objects}
         row = {"caption": scene.caption, "seed": 1000 + number}
-        for method in NEGLECT_METHODS:
+        for method in methods:
             started = time.perf_counter()
             image = _neglect_image(context, method, scene.caption, subjects, 1000 + number)
             seconds[method].append(time.perf_counter() - started)
@@ -420,26 +406,12 @@ def task_neglect(context: Context) -> dict:
             score = score_scene(scene, annotate(image))
             row[method] = {"both_present": bool(score["both_present"]), "both_correct": bool(score["both_correct"])}
         records.append(row)
-    result = {"n": len(records), **_summarise("neglect", records, NEGLECT_METHODS, ("both_present", "both_correct"))}
-    for method in NEGLECT_METHODS:
+    result = {"n": len(records), **_summarise("neglect", records, methods, ("both_present", "both_correct"))}
+    for method in methods:
         result[f"neglect/{method}"]["seconds_per_image"] = round(statistics.mean(seconds[method]), 4)
-    return {**result, "records": records}
-
-
-def crowded_prompts(context: Context) -> list[tuple[str, list[str]]]:
-    """(caption, its three shapes): three different colours and shapes, a fixed shuffle."""
-    from headscope.shapes.world import GEOMETRIC, article
-
-    rng = random.Random(5)
-    prompts = []
-    for _ in range(50 * context.args.n_prompts):
-        colors, shapes = rng.sample(PLAIN_COLORS, 3), rng.sample(GEOMETRIC, 3)
-        caption = " and ".join(f"{article(color)} {color} {shape}" for color, shape in zip(colors, shapes))
-        if context.fits(caption):
-            prompts.append((caption, shapes))
-        if len(prompts) == context.args.n_prompts:
-            break
-    return prompts
+    lacking = {f"neglect/{method}": {"unsupported": context.lacks(method)}
+               for method in NEGLECT_METHODS if method not in methods}
+    return {**result, **lacking, "records": records}
 
 
 def task_crowded(context: Context) -> dict:
@@ -628,32 +600,6 @@ def _background_unchanged(source_image, edited_image, source_objects, edited_obj
         return 0.0
     unchanged = np.abs(source - edited).max(axis=-1) <= BACKGROUND_TOLERANCE
     return float(unchanged[background].mean())
-
-
-# -- output ---------------------------------------------------------------------------------------
-
-def table(result: dict) -> str:
-    rows = []
-    for task, values in result["tasks"].items():
-        n = values.get("n", "")
-        for variant, metrics in values.items():
-            if variant == "records":
-                continue
-            if isinstance(metrics, dict):
-                rows += [(task, variant, metric, _show(value), metrics.get("n", n))
-                         for metric, value in metrics.items() if metric != "n"]
-            elif variant not in ("n", "prompt", "adjust", "guidance", "repeats"):
-                rows.append((task, "", variant, _show(metrics), n))
-    return (f"steering benchmark — {result['model']}, HRV {result['hrv']}, {result['steps']} steps, guidance "
-            f"{result['guidance']}, device {result['device']}, {result['threads']} threads\n"
-            + harness.table(rows, ("task", "variant", "metric", "value", "n"), digits=4, left=3))
-
-
-def _show(value):
-    """A paired test as prompts only the baseline had : only the variant had, p; any other value as it is."""
-    if isinstance(value, dict):
-        return f"{value['baseline_only']}:{value['variant_only']} p={value['p']:.3f}"
-    return value
 
 
 if __name__ == "__main__":
