@@ -79,18 +79,6 @@ def load_model(model, device, dtype):
     return pipe
 
 
-def require_unet(pipe, feature: str) -> None:
-    """HeadscopeError unless `pipe` is a UNet pipeline: `feature` (e.g. prompt-to-prompt editing, which
-    edits cross- and self-attention maps) is built on cross-attention for now; joint-attention models
-    (SD3, Flux) trace, map words and steer by heads already."""
-    from headscope.backbones import backbone_for
-
-    backbone = backbone_for(pipe)
-    if backbone.family != "unet":
-        raise HeadscopeError(f"{feature} run on UNet models (SD 1.x / 2.x / XL) for now; this model is a "
-                             f"{backbone.description}: trace it and draw word maps with `headscope daam`")
-
-
 def generation_settings(pipe, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """(steps, guidance): the options where given, else the model's shipped defaults, else 25 and 7.5."""
     from headscope.models import model_defaults

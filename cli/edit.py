@@ -12,10 +12,11 @@ from pathlib import Path
 
 import click
 
-from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
+from headscope.backbones import require_unet
 from headscope.errors import HeadscopeError
+from headscope.steer.edit import DEFAULT_CROSS, DEFAULT_SELF
 from headscope_cli.common import (DEFAULT_GUIDANCE, DEFAULT_STEPS, SEED, Finite, allow_unknown_option, claim_output,
-                                  generation_settings, load_model, model_options, require_unet)
+                                  generation_settings, load_model, model_options)
 EDIT_EXAMPLES = """
 \b
 Examples:

@@ -138,6 +138,9 @@ def test_an_hrv_of_another_model_is_refused(tiny_sd3, tiny_flux):
 def test_weakening_covers_the_word_tokens_of_every_key_encoder(tiny_sd3, tiny_flux):
     assert word_key_positions(tiny_flux, "a red dog") == [0, 1, 2]  # T5: no start token; </s> left out
     assert word_key_positions(tiny_sd3, "a red dog") == [1, 2, 3, 24, 25, 26]
+    assert word_key_positions(tiny_sd3, "a red dog", max_sequence_length=16, guidance_scale=5.0) == [1, 2, 3, 24, 25, 26]
+    with pytest.raises(HeadscopeError, match="takes at most 3"):  # as the call with max_sequence_length=3 would
+        word_key_positions(tiny_sd3, "a red dog on a blue tree", max_sequence_length=3)
     plain = generate_joint(tiny_flux, "a red dog")
     hook = HeadWeakening(range(8), -2.0, [word_key_positions(tiny_flux, "a red dog")])
     with steering(tiny_flux, [hook]):
@@ -207,3 +210,10 @@ def test_generate_runs_attend_and_excite_hrv_on_a_flux_folder(flux_folder, flux_
     assert result.exit_code == 0, result.output
     neglect = json.loads((out / "summary.json").read_text())["steering"]["neglect"]
     assert neglect["method"] == "ae-hrv" and [entry["step"] for entry in neglect["log"]] == [0]
+
+
+def test_prompt_to_prompt_refuses_a_joint_model_with_a_headscope_error(tiny_sd3):
+    from headscope.steer.edit import edit
+
+    with pytest.raises(HeadscopeError, match="prompt-to-prompt edits run on UNet models"):
+        edit(tiny_sd3, "a red circle", "a blue circle", steps=2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from headscope.backbones.base import Backbone, DenoiserCall, TextSlot
 from headscope.errors import HeadscopeError
 
-__all__ = ["Backbone", "DenoiserCall", "TextSlot", "backbone_for", "families", "model_class_for_config"]
+__all__ = ["Backbone", "DenoiserCall", "TextSlot", "backbone_for", "families", "model_class_for_config", "require_unet"]
 
 
 def _adapters() -> list[type[Backbone]]:
@@ -57,3 +57,13 @@ def model_class_for_config(config: dict):
     if name not in known:
         raise HeadscopeError(f"headscope does not know the model family of a {name} config; supported: {families()}")
     return getattr(diffusers, name)
+
+
+def require_unet(pipe, feature: str) -> None:
+    """HeadscopeError unless `pipe` is a UNet pipeline: `feature` (e.g. prompt-to-prompt editing, which
+    edits cross- and self-attention maps) is built on cross-attention for now; joint-attention models
+    (SD3, Flux) trace, map words and steer by heads already."""
+    backbone = backbone_for(pipe)
+    if backbone.family != "unet":
+        raise HeadscopeError(f"{feature} run on UNet models (SD 1.x / 2.x / XL) for now; this model is a "
+                             f"{backbone.description}: trace it and draw word maps with `headscope daam`")

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headscope.errors import HeadscopeError
+from headscope.backbones import require_unet
 from headscope.backbones.unet import self_attention_layers, self_attention_processors
+from headscope.errors import HeadscopeError
 from headscope.processor import Hook, HookContext
 from headscope.steer.scale import resolve_hrv, strengthen_factors, tokenize_prompts
 from headscope.steps import StepWindow
@@ -242,6 +243,7 @@ class Editor:
 
     def __init__(self, pipe, *, cross_steps=DEFAULT_CROSS, self_steps=DEFAULT_SELF, self_min_level: int | None = None,
                  swapped: str | None = None, concept: str | None = None, hrv=None, strength: float = 1.0):
+        require_unet(pipe, "prompt-to-prompt edits")
         self.pipe = pipe
         self.cross_window = _window(cross_steps, "cross_steps")
         self.self_window = _window(self_steps, "self_steps")
