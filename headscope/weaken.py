@@ -62,18 +62,19 @@ def word_positions(tokenizer, prompt: str) -> list[int]:
     return _own_tokens(tokenizer, tokenize(tokenizer, prompt).input_ids)
 
 
-def word_key_positions(pipe, prompt: str) -> list[int]:
+def word_key_positions(pipe, prompt: str, **call_options) -> list[int]:
     """Key positions of the prompt's own tokens through every text encoder whose tokens are keys of `pipe`
     (UNet: `word_positions` of its tokenizer; SD3: the CLIP ones, then the T5 ones after the CLIP positions;
-    Flux: T5's)."""
+    Flux: T5's), tokenized as a call with `call_options` would (its `max_sequence_length`)."""
     from headscope.backbones import backbone_for
     from headscope.prompts import prompt_tokens
     from headscope.steer.scale import key_encoders
 
     tokenizers = {slot.encoder: slot.tokenizer for slot in backbone_for(pipe).text_slots(pipe, {}) if slot.keys}
+    lengths = {key: value for key, value in call_options.items() if key == "max_sequence_length"}
     positions = []
     for encoder in key_encoders(pipe):
-        tokens = prompt_tokens(pipe, prompt, encoder)
+        tokens = prompt_tokens(pipe, prompt, encoder, **lengths)
         own = _own_tokens(getattr(pipe, tokenizers[encoder]), tokens.input_ids)
         positions += [tokens.offset + position for position in own]
     return positions
@@ -232,15 +233,19 @@ class OrderedWeakening:
         call_options: further pipeline-call arguments (e.g. an SD3 / Flux model's `max_sequence_length`).
         batch_size: prompts per pipeline call.
         progress: tqdm bar on stderr.
+        cache: a dict of scored generations that sweeps of one pipeline and prompt list share, so that a
+            head set another sweep generated (k = 0, the random order) is not generated again.
 
     `fit(pipe, prompts)` takes shapes `Scene`s (scored by the annotator) or strings (scored by CLIP).
     Fitted: `results_` (one row per order, k, seed, prompt and scored concept), `summary_` (means per
-    order, k and concept), `settings_`. Identical head sets (k = 0, k = n) are generated once.
+    order, k and concept), `settings_` ("generations": images this fit generated). Identical head sets
+    (k = 0, k = n) are generated once; with a shared `cache`, once across sweeps.
     """
 
     def __init__(self, concept: str, hrv: HRV, *, ks=None, factor: float = -2.0, orders=ORDERS, seeds=(0, 1),
                  random_seed: int = 0, clip=None, steps: int | None = None, guidance: float | None = None,
-                 batch_size: int = 8, progress: bool = False, call_options: dict | None = None):
+                 batch_size: int = 8, progress: bool = False, call_options: dict | None = None,
+                 cache: dict | None = None):
         self.concept = concept
         self.hrv = hrv
         self.ks = ks
@@ -254,6 +259,7 @@ class OrderedWeakening:
         self.batch_size = batch_size
         self.progress = progress
         self.call_options = call_options
+        self.cache = cache
 
     def plan(self) -> dict[tuple[str, int], tuple[int, ...]]:
         """(order, k) -> the weakened head ids (sorted), after validating the parameters."""
@@ -280,11 +286,17 @@ class OrderedWeakening:
         texts, scorer = self._scorer(list(prompts))
         steps, guidance = generation_defaults(pipe)
         steps, guidance = self.steps or steps, self.guidance if self.guidance is not None else guidance
-        positions = [word_key_positions(pipe, text) for text in texts]
-        head_sets = sorted(set(plan.values()), key=lambda heads: (len(heads), heads))
+        positions = [word_key_positions(pipe, text, **(self.call_options or {})) for text in texts]
+        scores = {} if self.cache is None else self.cache
+        setting = (self.factor, steps, guidance, tuple(self.hrv.concepts))  # what else decides a scored image
+
+        def key(heads, seed, index):
+            return (*setting, heads, seed, texts[index])
+
+        head_sets = [heads for heads in sorted(set(plan.values()), key=lambda heads: (len(heads), heads))
+                     if any(key(heads, seed, index) not in scores for seed in self.seeds for index in range(len(texts)))]
         batches = [list(range(start, min(start + self.batch_size, len(texts))))
                    for start in range(0, len(texts), self.batch_size)]
-        scores: dict[tuple, list[dict]] = {}
         total = len(head_sets) * len(self.seeds) * len(texts)
         with tqdm(total=total, desc="weakening", unit="image", disable=not self.progress) as bar:
             for heads in head_sets:
@@ -293,14 +305,14 @@ class OrderedWeakening:
                         images = self._generate(pipe, heads, [texts[i] for i in batch],
                                                 [positions[i] for i in batch], seed, steps, guidance)
                         for index, scored in zip(batch, scorer.score(images, batch)):
-                            scores[(heads, seed, index)] = scored
+                            scores[key(heads, seed, index)] = scored
                         bar.update(len(batch))
         concept = self.hrv.concept(self.concept)
         self.results_ = [{"order": order, "k": k, "seed": seed, "prompt_index": index, "prompt": texts[index],
                           "concept": scored_concept, "role": "weakened" if scored_concept == concept else "control",
                           "score": value}
                          for (order, k), heads in plan.items() for seed in self.seeds for index in range(len(texts))
-                         for scored_concept, value in scores[(heads, seed, index)].items()]
+                         for scored_concept, value in scores[key(heads, seed, index)].items()]
         self.summary_ = summarize(self.results_)
         self.settings_ = {"concept": concept, "factor": self.factor, "orders": list(self.orders),
                           "ks": sorted({k for _, k in plan}), "seeds": list(self.seeds),
@@ -308,7 +320,7 @@ class OrderedWeakening:
                           "n_prompts": len(texts), "n_heads": self.hrv.n_heads,
                           "metric": "annotator accuracy" if isinstance(scorer, ShapesScorer) else "CLIP similarity",
                           "hrv_model": (self.hrv.meta.get("model") or {}).get("name_or_path"),
-                          "generations": len(head_sets) * len(self.seeds) * len(texts)}
+                          "generations": total}
         return self
 
     def _scorer(self, prompts):

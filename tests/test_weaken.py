@@ -144,6 +144,30 @@ def test_a_sweep_on_shapes_scenes_scores_every_order_k_seed_and_concept(tiny_sd,
     assert sweep.settings_["metric"] == "annotator accuracy" and sweep.settings_["generations"] == 20
 
 
+def test_sweeps_sharing_a_cache_generate_each_head_set_once_and_score_as_alone(tiny_sd, tiny_sd_hrv, monkeypatch):
+    calls = []
+    original = OrderedWeakening._generate
+
+    def counting(self, pipe, heads, *args):
+        calls.append(heads)
+        return original(self, pipe, heads, *args)
+
+    monkeypatch.setattr(OrderedWeakening, "_generate", counting)
+    options = {"ks": [0, 4], "seeds": (0,), "steps": 1}
+    cache = {}
+    color = OrderedWeakening("color", tiny_sd_hrv, cache=cache, **options).fit(tiny_sd, scenes())
+    shape = OrderedWeakening("shape", tiny_sd_hrv, cache=cache, **options)
+    new_sets = set(shape.plan().values()) - set(color.plan().values())  # k = 0 and the random order are shared
+    calls.clear()
+    shape.fit(tiny_sd, scenes())
+    assert sorted(calls) == sorted(new_sets) and shape.settings_["generations"] == 2 * len(new_sets)
+    alone = OrderedWeakening("shape", tiny_sd_hrv, **options).fit(tiny_sd, scenes())
+    assert shape.summary_ == alone.summary_ and alone.settings_["generations"] == 2 * len(set(alone.plan().values()))
+    calls.clear()
+    OrderedWeakening("shape", tiny_sd_hrv, cache=cache, factor=0.0, **options).fit(tiny_sd, scenes())
+    assert len(calls) == len(set(alone.plan().values()))  # another factor: other images
+
+
 def test_weakened_heads_change_the_image(tiny_sd, tiny_sd_hrv):
     sweep = OrderedWeakening("color", tiny_sd_hrv, steps=2)
     plain = sweep._generate(tiny_sd, (), ["a red circle"], [[1, 2]], 0, 2, 7.5)[0]

@@ -97,6 +97,39 @@ class HRV:
         unit = torch.nn.functional.normalize(self.vectors.double(), dim=1)
         return (unit @ unit.T).float()
 
+    # -- derived HRVs -------------------------------------------------------------------------
+
+    def window(self, start: int, stop: int) -> "HRV":
+        """The HRV of the votes cast at denoising steps `start`..`stop - 1` only (rows from `step_votes[start:stop]`,
+        normalised as `from_votes` does); meta["step_window"] = [start, stop] in the build's steps.
+
+        HeadscopeError when the HRV keeps no per-step votes or the window is empty or outside its steps.
+        """
+        if self.step_votes is None:
+            raise HeadscopeError("this HRV keeps no per-step votes (step_votes), so it has no step windows; "
+                                 "build one with `headscope hrv build`")
+        n_steps = int(self.step_votes.shape[0])
+        if not 0 <= start < stop <= n_steps:
+            raise HeadscopeError(f"step window {start}:{stop} is empty or outside this HRV's {n_steps} steps; "
+                                 f"give 0 <= start < stop <= {n_steps}")
+        offset = (self.meta.get("step_window") or [0])[0]  # a window of a window counts in the build's steps
+        step_votes = self.step_votes[start:stop]
+        return HRV.from_votes(step_votes.sum(dim=0), self.concepts,
+                              {**self.meta, "step_window": [offset + start, offset + stop]}, step_votes)
+
+    def head_shares(self) -> "HRV":
+        """Relevance as each head's share over the concepts: every head's column of `vectors` divided by its sum,
+        then each concept's row rescaled to mean 1. meta["relevance"] = "head shares"; no step votes.
+
+        A head relevant to every concept ranks lower for each of them than one that serves mostly c. The
+        columns of `vectors` are divided, not the raw votes: every head casts one vote per layer call and
+        step (soft: probabilities that sum to about 1), so the heads' vote totals (nearly) agree and dividing
+        the votes would change no ranking; `vectors` first put the concepts on one scale (rows of mean 1).
+        """
+        totals = self.vectors.double().sum(dim=0, keepdim=True)
+        shares = torch.where(totals > 0, self.vectors.double() / totals.clamp_min(1e-300), torch.zeros_like(totals))
+        return HRV.from_votes(shares, self.concepts, {**self.meta, "relevance": "head shares"})
+
     @property
     def family(self) -> str:
         """The model family it was built on: "unet", "sd3" or "flux"."""

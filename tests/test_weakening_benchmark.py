@@ -1,0 +1,116 @@
+"""benchmarks/weakening.py: HRV variants side by side on both tiny shapes models, generations shared per model,
+specificity per concept, today's keys kept, bad variants refused before anything is loaded."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from headscope.hrv import HRV
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "weakening.py"
+OLD_KEYS = {"model", "hrv", "device", "torch", "threads", "machine", "n_heads", "k", "factor", "n_prompts", "seeds",
+            "steps", "rows", "run"}
+OLD_ROW_KEYS = {"concept", "accuracy", "drop_morhf", "drop_lerhf", "drop_random", "others_drop_morhf",
+                "others_drop_lerhf", "others_drop_random"}
+
+
+def _load():
+    if str(BENCHMARK.parent) not in sys.path:  # as `python benchmarks/weakening.py` has it, for `import harness`
+        sys.path.insert(0, str(BENCHMARK.parent))
+    spec = importlib.util.spec_from_file_location("weakening_benchmark", BENCHMARK)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_variants_of_both_models_share_each_models_unweakened_images(tmp_path, monkeypatch, capsys):
+    from headscope.weaken import OrderedWeakening
+
+    benchmark = _load()
+    unweakened = []
+    original = OrderedWeakening._generate
+
+    def counting(self, pipe, heads, *args):
+        if not heads:
+            unweakened.append(type(pipe).__name__)
+        return original(self, pipe, heads, *args)
+
+    monkeypatch.setattr(OrderedWeakening, "_generate", counting)
+    out = tmp_path / "weakening.json"
+    benchmark.main(["--tiny", "--models", "shapes,shapes-mmdit", "--n-prompts", "1", "--seeds", "0", "--steps", "1",
+                    "--variants", "argmax,soft:early,argmax:head-share", "--soft-prompts", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert OLD_KEYS | {"comparison", "generations"} == set(result)
+    assert [(entry["model"], entry["variant"]) for entry in result["comparison"]] == [
+        (model, variant) for model in ("shapes", "shapes-mmdit") for variant in ("argmax", "soft:early", "argmax:head-share")]
+    assert sorted(unweakened) == ["StableDiffusion3Pipeline", "StableDiffusionPipeline"]  # once per model
+    soft_early, head_share = result["comparison"][1]["hrv"], result["comparison"][2]["hrv"]
+    assert soft_early["soft"] and soft_early["step_window"] == [0, 1] and soft_early["n_prompts"] == 2
+    assert head_share["relevance"] == "head shares" and not head_share["soft"]
+    for entry in result["comparison"]:
+        assert [row["concept"] for row in entry["rows"]] == ["color", "shape", "size", "position", "count", "fill"]
+        assert entry["k"] == entry["n_heads"] // 4
+        assert all(row["morhf_minus_lerhf"] == pytest.approx(row["drop_morhf"] - row["drop_lerhf"])
+                   for row in entry["rows"])
+    assert result["rows"] == result["comparison"][0]["rows"] and result["n_heads"] == 20
+    printed = capsys.readouterr().out
+    assert "shapes-mmdit  soft:early" in printed and "MoRHF - LeRHF" in printed
+
+
+def test_a_plain_run_keeps_todays_keys(tmp_path):
+    out = tmp_path / "weakening.json"
+    _load().main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert OLD_KEYS <= set(result) and len(result["comparison"]) == 1
+    assert result["model"] == result["comparison"][0]["description"] and result["comparison"][0]["variant"] == "argmax"
+    assert all(OLD_ROW_KEYS < set(row) for row in result["rows"])
+
+
+def test_specificity_is_the_concepts_morhf_drop_against_the_others_and_against_lerhf():
+    summary = [{"order": order, "k": k, "concept": concept, "role": "weakened" if concept == "color" else "control",
+                "mean": mean} for order, k, concept, mean in [
+                   ("morhf", 0, "color", 1.0), ("morhf", 2, "color", 0.4), ("lerhf", 2, "color", 0.9),
+                   ("random", 2, "color", 0.8), ("morhf", 0, "shape", 1.0), ("morhf", 2, "shape", 0.9),
+                   ("lerhf", 2, "shape", 1.0), ("random", 2, "shape", 1.0), ("morhf", 0, "size", 0.5),
+                   ("morhf", 2, "size", 0.2), ("lerhf", 2, "size", 0.5), ("random", 2, "size", 0.5)]]
+    row = _load().concept_row("color", summary, 2)
+    assert row["drop_morhf"] == pytest.approx(0.6) and row["others_drop_morhf"] == pytest.approx(0.2)
+    assert row["morhf_minus_others"] == pytest.approx(0.4) and row["morhf_minus_lerhf"] == pytest.approx(0.5)
+
+
+def test_step_windows_are_thirds_rounded_up():
+    third = _load().third
+
+    def hrv(steps):
+        return HRV(["color"], torch.ones(1, 4), torch.ones(steps, 1, 4), {})
+
+    assert [third(hrv(25), window) for window in ("early", "middle", "late")] == [(0, 9), (8, 17), (16, 25)]
+    assert [third(hrv(2), window) for window in ("early", "middle", "late")] == [(0, 1), (0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--variants", "argmax,softest"], "unknown HRV variant 'softest'"),
+    (["--variants", "argmax:late:first"], "VIEW one of early, middle, late, head-share"),
+    (["--variants", "soft"], "the soft variant needs --hrv-soft FILE"),
+    (["--hrv-extra", "soft=x.hrv"], "give NAME=FILE with a NAME other than argmax, soft"),
+    (["--hrv-soft", "missing.hrv", "--variants", "soft"], "no HRV file at missing.hrv"),
+])
+def test_bad_variants_are_one_line_errors_before_any_model_loads(tmp_path, capsys, monkeypatch, options, message):
+    benchmark = _load()
+    monkeypatch.setattr(benchmark, "load_model", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--tiny", *options, "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_hrv_file_that_fits_no_model_is_refused(tmp_path, capsys):
+    from headscope.hrv import default_hrv_path
+
+    with pytest.raises(SystemExit) as exit_info:
+        _load().main(["--tiny", "--hrv-extra", f"words={default_hrv_path('shapes')}", "--variants", "words",
+                      "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and "fits none of the models (shapes): HRV built for" in capsys.readouterr().err
