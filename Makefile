@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench bench-joint clean
 
 install: $(VENV)/.installed
 
@@ -38,12 +38,26 @@ bench: install-test
 	$(BIN)/python benchmarks/daam_segmentation.py
 	$(BIN)/python benchmarks/position_probe.py
 	$(BIN)/python benchmarks/vae_reconstruction.py
-	$(BIN)/python benchmarks/hrv_build.py
+	$(BIN)/python benchmarks/hrv_build.py --joint sd3,flux --joint-side 16,32 --repeats 9
+	$(BIN)/python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 512 --steps 2 --repeats 5 \
+		--n-prompts 4 --out benchmarks/results/hrv_build_real.json
 	$(BIN)/python benchmarks/weakening.py
 	$(BIN)/python benchmarks/steering.py --tasks overhead --repeats 40 --out benchmarks/results/steering_overhead.json
 	$(BIN)/python benchmarks/steering.py --tasks polysemy neglect crowded editing strengthening --images $(OUT)/steering-sheets
 	$(BIN)/python benchmarks/steering.py --tasks binding --out benchmarks/results/steering_binding.json
 	$(BIN)/python benchmarks/steering.py --tasks neglect --n-prompts 100 --out benchmarks/results/steering_neglect100.json
+
+# The two embedded models side by side (UNet "shapes", SD3-style "shapes-mmdit"), at the sizes README reports
+# (CPU: about 40 minutes).
+bench-joint: install-test
+	$(BIN)/headscope shapes eval --model shapes-mmdit --seeds 0,1 --out benchmarks/results/shapes_eval_mmdit.json
+	$(BIN)/python benchmarks/steering.py --models shapes,shapes-mmdit --tasks neglect polysemy --n-prompts 8 \
+		--out benchmarks/results/steering_models.json
+	$(BIN)/python benchmarks/daam_segmentation.py --models shapes,shapes-mmdit --n-single 24 --n-pair 8 \
+		--cal-single 12 --cal-pair 4 --seeds 0 --cal-seeds 2 --image-cal 0 \
+		--out benchmarks/results/daam_segmentation_models.json
+	$(BIN)/python benchmarks/weakening.py --models shapes,shapes-mmdit --n-prompts 8 --seeds 0 \
+		--variants argmax,soft,argmax:early,argmax:late --soft-prompts 64 --out benchmarks/results/weakening_variants.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache
