@@ -54,7 +54,7 @@ bench-joint: install-test
 	$(BIN)/python benchmarks/steering.py --models shapes,shapes-mmdit --tasks neglect polysemy --n-prompts 8 \
 		--out benchmarks/results/steering_models.json
 	$(BIN)/python benchmarks/daam_segmentation.py --models shapes,shapes-mmdit --n-single 24 --n-pair 8 \
-		--cal-single 12 --cal-pair 4 --seeds 0 --cal-seeds 2 --image-cal 0 \
+		--cal-single 12 --cal-pair 4 --seeds 0 --cal-seeds 2 --image-cal 0 --figure $(OUT)/daam_methods_models.png \
 		--out benchmarks/results/daam_segmentation_models.json
 	$(BIN)/python benchmarks/weakening.py --models shapes,shapes-mmdit --n-prompts 8 --seeds 0 \
 		--variants argmax,soft,argmax:early,argmax:late --soft-prompts 64 --out benchmarks/results/weakening_variants.json
