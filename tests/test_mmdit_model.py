@@ -142,3 +142,19 @@ def test_shapes_train_arch_mmdit_trains_the_tiny_model_from_the_command_line(tmp
     assert "exported pipeline:" in result.output
     assert (run_dir / "pipeline" / "transformer" / "config.json").is_file()
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 20
+
+
+def test_shipping_keeps_the_exports_own_defaults_and_adds_the_chosen_ones(tmp_path):
+    import json
+
+    from headscope.shapes.train import ship
+
+    export = tmp_path / "run" / "pipeline"
+    export.mkdir(parents=True)
+    (export / "model_index.json").write_text("{}")
+    (export / "headscope.json").write_text(json.dumps({"arch": "mmdit", "defaults": {"max_sequence_length": 24,
+                                                                                   "guidance_scale": 7.0}}))
+    folder = ship(export, tmp_path / "shipped", {"guidance_scale": 5.0, "num_inference_steps": 25})
+    meta = json.loads((folder / "headscope.json").read_text())
+    assert meta["defaults"] == {"max_sequence_length": 24, "guidance_scale": 5.0, "num_inference_steps": 25}
+    assert "phases" not in meta  # an SD3-style run's recipe is its export's train_config
