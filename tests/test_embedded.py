@@ -97,3 +97,13 @@ def test_default_hrv_tells_colour_heads_from_shape_heads(embedded):
     hrv = HRV.for_pipeline(pipe)
     color, shape = hrv.vector("color"), hrv.vector("shape")
     assert torch.nn.functional.cosine_similarity(color, shape, dim=0) < 0.8
+
+
+def test_each_shipped_hrv_was_built_by_the_command_its_error_names(embedded):
+    from headscope.hrv import HRV, build_default_command
+    from headscope.hrv.meta import HRV_PROMPTS
+
+    name, pipe = embedded
+    hrv = HRV.for_pipeline(pipe)
+    assert hrv.meta["n_prompts"] == HRV_PROMPTS[name] and hrv.meta["seed"] == 0
+    assert f"--n-prompts {HRV_PROMPTS[name]} --seed 0" in build_default_command(name)

@@ -14,12 +14,13 @@ PAPER_STEPS, PAPER_GUIDANCE = 50, 7.5
 EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 25, 5.0  # as the shapes-world evaluation generates
 
 HRV_FILES = {"shapes": "shapes_hrv.hrv", "shapes-mmdit": "shapes_mmdit_hrv.hrv"}  # embedded model -> its HRV
+HRV_PROMPTS = {"shapes": 256, "shapes-mmdit": 128}  # prompts the shipped files were built from
 
 
 def build_default_command(name: str = "shapes") -> str:
-    """The command that builds the shipped HRV of the embedded model `name`."""
+    """The command that built the shipped HRV of the embedded model `name`."""
     model = "" if name == "shapes" else f"--model {name} "
-    return (f"headscope hrv build {model}--concepts shapes --n-prompts 512 --seed 0 "
+    return (f"headscope hrv build {model}--concepts shapes --n-prompts {HRV_PROMPTS[name]} --seed 0 "
             f"--out headscope/models/{HRV_FILES[name]}")
 
 
