@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from headscope.shapes.mmdit import (SHIPPED_MODEL, MMDiTConfig, build_text_encoders, build_transformer,
                                     encode_captions, random_mmdit_pipeline, warm_start_clip1)
 from headscope.shapes.tokenizer import build_tokenizer
-from headscope.shapes.train_mmdit import batch_indices, sample_sigmas, tiny_config, train_mmdit
+from headscope.shapes.train_mmdit import (batch_indices, learning_rate, pair_scenes, sample_sigmas, tiny_config,
+                                          train_mmdit)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,45 @@ def test_shipping_keeps_the_exports_own_defaults_and_adds_the_chosen_ones(tmp_pa
     meta = json.loads((folder / "headscope.json").read_text())
     assert meta["defaults"] == {"max_sequence_length": 24, "guidance_scale": 5.0, "num_inference_steps": 25}
     assert "phases" not in meta  # an SD3-style run's recipe is its export's train_config
+
+
+def test_pair_share_fills_the_end_of_each_batch_with_two_object_scenes_and_keeps_steps_reproducible():
+    captions = ["a red circle", "a red circle and a blue square", "two green stars", "a white star on the left",
+                "a small oval at the top and a large square at the bottom"] * 20
+    pairs = pair_scenes(captions)
+    assert set(pairs.tolist()) == {i for i, c in enumerate(captions) if i % 5 in (1, 4)}
+    cfg = tiny_config(batch=8, pair_share=0.5)
+    idx = batch_indices(cfg, 3, len(captions), pairs)
+    assert len(idx) == 8 and all(" and " in captions[i] for i in idx[4:].tolist())
+    assert torch.equal(idx[:4], batch_indices(tiny_config(batch=8), 3, len(captions))[:4])  # the rest is the plain draw
+    assert torch.equal(idx, batch_indices(cfg, 3, len(captions), pairs))
+    assert torch.equal(batch_indices(tiny_config(batch=8), 3, len(captions), pairs),
+                       batch_indices(tiny_config(batch=8), 3, len(captions)))  # share 0: no change
+
+
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_its_final_value():
+    flat = tiny_config(steps=100, warmup=10, lr=1e-3)
+    assert learning_rate(flat, 4) == pytest.approx(5e-4) and learning_rate(flat, 99) == pytest.approx(1e-3)
+    cosine = tiny_config(steps=100, warmup=10, lr=1e-3, lr_final=1e-4)
+    rates = [learning_rate(cosine, step) for step in range(100)]
+    assert rates[9] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert rates[54] == pytest.approx(5.5e-4, rel=0.05)  # half way down
+
+
+def test_fine_tuning_phase_starts_from_the_other_runs_weights_and_ship_records_both_phases(tiny_run, tmp_path):
+    from headscope.shapes.train import ship
+
+    run = tmp_path / "ft"
+    train_mmdit(run, tiny_config(steps=4, init_from=str(tiny_run), pair_share=0.5, lr=0.0, lr_final=0.0,
+                                 checkpoint_every=2, export_every=4), progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[0] == {**records[0], "stage": "init", "from": str(tiny_run), "step": 20}
+    # learning rate 0: the weights are the source run's, bitwise (EMA of unchanged weights is unchanged)
+    source = load_file(str(tiny_run / "checkpoint" / "weights.safetensors"))
+    tuned = load_file(str(run / "checkpoint" / "weights.safetensors"))
+    assert source.keys() == tuned.keys()
+    assert all(torch.equal(source[k], tuned[k]) for k in source if k.startswith("model."))
+    meta = json.loads((ship(run / "pipeline", tmp_path / "shipped", {}) / "headscope.json").read_text())
+    assert [phase["steps"] for phase in meta["phases"]] == [20, 4] and meta["steps_trained"] == 24
+    assert meta["phases"][1]["train_config"]["pair_share"] == 0.5

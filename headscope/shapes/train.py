@@ -304,7 +304,8 @@ def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
     """Copy an exported pipeline folder to `target` (atomically) and record generation defaults in it.
 
     `defaults` are merged over the export's own (an SD3-style export records its max_sequence_length).
-    A UNet run's headscope.json also gets the phases its weights went through (`training_phases`).
+    Its headscope.json also gets the phases its weights went through (`training_phases`) and their
+    total steps (`unet_steps_trained` for a UNet run, `steps_trained` for an SD3-style one).
     """
     from headscope.errors import HeadscopeError
 
@@ -316,35 +317,44 @@ def ship(pipeline: Path, target: Path, defaults: dict) -> Path:
     shutil.copytree(pipeline, stage)
     meta = json.loads((stage / "headscope.json").read_text())
     meta["defaults"] = {**meta.get("defaults", {}), **defaults}
-    phases = training_phases(pipeline.parent) if meta.get("arch", "unet") == "unet" else []
+    if meta.get("arch", "unet") == "unet":
+        phases, total = training_phases(pipeline.parent), "unet_steps_trained"
+    else:
+        from headscope.shapes.train_mmdit import MMDiTTrainConfig
+
+        phases = training_phases(pipeline.parent, lambda data: MMDiTTrainConfig.from_json(data).to_json(), "steps")
+        total = "steps_trained"
     if phases:
-        meta["unet_steps_trained"] = sum(phase["unet_steps"] or 0 for phase in phases)
+        steps_key = "unet_steps" if total == "unet_steps_trained" else "steps"
+        meta[total] = sum(phase[steps_key] or 0 for phase in phases)
         meta["phases"] = phases
     write_json(stage / "headscope.json", meta)
     return replace_folder(stage, target)
 
 
-def training_phases(run_dir: Path) -> list[dict]:
-    """The runs a run's weights went through, oldest first: each with its recipe and UNet steps.
+def training_phases(run_dir: Path, recipe=None, steps_key: str = "unet_steps") -> list[dict]:
+    """The runs a run's weights went through, oldest first: each with its recipe and its steps.
 
     A run started with `init_from` continues another run's checkpoint; its log records the step it
-    took, so a fine-tuned model names both recipes and how long each one trained.
+    took, so a fine-tuned model names both recipes and how long each one trained. `recipe` turns a
+    run.json into the recorded recipe (default: the UNet trainer's, older runs get its defaults);
+    `steps_key` names each phase's step count.
     """
+    recipe = recipe or (lambda data: TrainConfig.from_json(data).to_json())
     run_dir = Path(run_dir)
     log, saved = run_dir / "log.jsonl", run_dir / "run.json"
     if not log.is_file() or not saved.is_file():
         return []
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     exports = [r["step"] for r in records if r.get("stage") == "export"]
-    recipe = TrainConfig.from_json(json.loads(saved.read_text())).to_json()  # older runs: their defaults
-    phase = {"run_dir": str(run_dir), "train_config": recipe,
-             "unet_steps": exports[-1] if exports else None}
+    phase = {"run_dir": str(run_dir), "train_config": recipe(json.loads(saved.read_text())),
+             steps_key: exports[-1] if exports else None}
     inits = [r for r in records if r.get("stage") == "init"]
     if not inits:
         return [phase]
-    earlier = training_phases(Path(inits[-1]["from"]))
+    earlier = training_phases(Path(inits[-1]["from"]), recipe, steps_key)
     if earlier:
-        earlier[-1]["unet_steps"] = inits[-1]["step"]  # the checkpoint this run started from
+        earlier[-1][steps_key] = inits[-1]["step"]  # the checkpoint this run started from
     return earlier + [phase]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -65,6 +66,12 @@ class MMDiTTrainConfig:
     high_noise_from: float = 0.8
     warm_start_text: bool = True     # CLIP-1 from the shipped UNet model's text encoder
     latents_from: str | None = None  # another run folder whose latent cache to reuse
+    # A fine-tuning phase: weights and EMA from another run's checkpoint (its latent cache reused),
+    # `pair_share` of each batch drawn from the two-object scenes, and the learning rate taken from
+    # `lr` down to `lr_final` on a cosine over the phase (None: constant).
+    init_from: str | None = None
+    pair_share: float = 0.0
+    lr_final: float | None = None
     checkpoint_every: int = 500
     export_every: int = 1000
     log_every: int = 50
@@ -102,15 +109,36 @@ def sample_sigmas(cfg: MMDiTTrainConfig, n: int, gen: torch.Generator) -> torch.
     return sigmas
 
 
-def batch_indices(cfg: MMDiTTrainConfig, step: int, n: int) -> torch.Tensor:
-    """Scene indices of step `step`, `[batch]`: epochs are seeded permutations, so only (seed, step) count."""
+def batch_indices(cfg: MMDiTTrainConfig, step: int, n: int, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """Scene indices of step `step`, `[batch]`: epochs are seeded permutations, so only (seed, step) count.
+
+    `pairs`: indices of the two-object scenes, from which the last `pair_share` of the batch is drawn.
+    """
     epoch, offset = divmod(step * cfg.batch, n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
     idx = order[offset: offset + cfg.batch]
     if len(idx) < cfg.batch:  # the batch crosses an epoch boundary: finish it from the next epoch
         after = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch + 1))
         idx = torch.cat([idx, after[: cfg.batch - len(idx)]])
+    n_pair = int(round(cfg.pair_share * cfg.batch)) if pairs is not None and len(pairs) else 0
+    if n_pair:
+        picks = torch.randint(0, len(pairs), (n_pair,), generator=torch.Generator().manual_seed(cfg.seed + 7 * step + 1))
+        idx = torch.cat([idx[: cfg.batch - n_pair], pairs[picks]])
     return idx
+
+
+def pair_scenes(captions: list[str]) -> torch.Tensor:
+    """Indices of the two-object scenes: the world's grammar joins two objects, and only two, with "and"."""
+    return torch.tensor([i for i, caption in enumerate(captions) if " and " in caption], dtype=torch.long)
+
+
+def learning_rate(cfg: MMDiTTrainConfig, step: int) -> float:
+    """Linear warm-up to `lr`, then constant, or a cosine down to `lr_final` at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_final is None:
+        return cfg.lr * warm
+    progress = min(1.0, max(0, step + 1 - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return warm * (cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _modules(cfg: MMDiTTrainConfig, tokenizer) -> dict[str, torch.nn.Module]:
@@ -124,9 +152,10 @@ def _named(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 def _latent_cache(run_dir: Path, cfg: MMDiTTrainConfig, vae, progress: bool) -> dict:
     """The UNet trainer's latent cache of the training scenes (made, or linked from `latents_from`)."""
-    if cfg.latents_from:
+    source = cfg.latents_from or cfg.init_from
+    if source:
         for name in ("latents.json", "latents.safetensors"):
-            src, dst = Path(cfg.latents_from) / name, run_dir / name
+            src, dst = Path(source) / name, run_dir / name
             if not dst.exists():
                 try:
                     os.link(src, dst)
@@ -169,25 +198,32 @@ def train_mmdit(run_dir: str | Path, cfg: MMDiTTrainConfig | None = None, *, pro
     ema = EMA(params, cfg.ema_decay)
     weights, state = load_checkpoint(run_dir / "checkpoint")
     start = 0
-    if state is not None:
+    if state is None and cfg.init_from:  # a fresh fine-tuning phase: weights and EMA from the other run
+        weights, source = load_checkpoint(Path(cfg.init_from) / "checkpoint")
+        if weights is None:
+            raise FileNotFoundError(f"{cfg.init_from} holds no checkpoint to start from")
+        log_record(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
+    if weights is not None:
         for name in COMPONENTS:
             modules[name].load_state_dict(split_prefix(weights, f"model.{name}"), strict=False)
         ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
+    if state is not None:  # resuming this run: its optimizer and step too
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         log_record(run_dir, {"stage": "resume", "step": start, "time": time.time()})
-    else:
+    elif not cfg.init_from:
         log_record(run_dir, {"stage": "start", "cache_scaling": meta["scaling_factor"], "scaling": scaling,
                        "time": time.time()})
 
     latents = load_file(str(run_dir / "latents.safetensors"))
     mean, std, captions = latents["mean"], latents["std"], meta["captions"]
+    pairs = pair_scenes(captions) if cfg.pair_share else None
     for module in modules.values():
         module.train()
     bar = tqdm(range(start, cfg.steps), desc="mmdit", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        loss = _train_step(cfg, step, pipe, modules["transformer"], mean, std, captions, scaling)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        loss = _train_step(cfg, step, pipe, modules["transformer"], mean, std, captions, scaling, pairs)
+        lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
@@ -211,10 +247,10 @@ def train_mmdit(run_dir: str | Path, cfg: MMDiTTrainConfig | None = None, *, pro
 
 
 def _train_step(cfg: MMDiTTrainConfig, step: int, pipe, transformer, mean: torch.Tensor, std: torch.Tensor,
-                captions: list[str], scaling: float) -> float:
+                captions: list[str], scaling: float, pairs: torch.Tensor | None = None) -> float:
     """Forward and backward of one batch; returns the loss. `mean`/`std`: the cache, `[n, 4, 16, 16]`."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    idx = batch_indices(cfg, step, len(captions))
+    idx = batch_indices(cfg, step, len(captions), pairs)
     z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=gen)) * scaling
     drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
     texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
@@ -265,16 +301,24 @@ def main(argv=None) -> None:
     parser.add_argument("--n-scenes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--latents-from", type=Path, default=None, help="reuse this run's latent cache")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="fine-tune: start from this run's checkpoint (weights and EMA) and latent cache")
+    parser.add_argument("--pair-share", type=float, default=None, help="share of each batch from two-object scenes")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lr-final", type=float, default=None, help="cosine decay of the learning rate to this")
+    parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = tiny_config() if args.tiny else MMDiTTrainConfig()
-    for name in ("steps", "n_scenes", "seed"):
+    for name in ("steps", "n_scenes", "seed", "pair_share", "lr", "lr_final", "warmup"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.latents_from is not None:
         cfg.latents_from = str(args.latents_from.resolve())
+    if args.init_from is not None:
+        cfg.init_from = str(args.init_from.resolve())
     if args.steps is None and (args.run / "run.json").is_file():  # resuming: keep the stored step count
         cfg = None
     print(f"exported pipeline: {train_mmdit(args.run, cfg, progress=not args.no_progress)}")
