@@ -10,7 +10,8 @@ by adding concept tokens beside the prompt in every joint block. Here:
           Flux: T5), then passed through the model's `context_embedder`, as the prompt is;
   blocks  in every block (SD3 joint blocks; Flux double- then single-stream blocks) the concept tokens
           go through the block's text-stream weights with the block's temb: the same norms and
-          modulation, projections, output projection, MLP and gates (`headscope.backbones.streams`);
+          modulation (the prompt's own, kept by a hook on the norm's linear, not computed again),
+          projections, output projection, MLP and gates (`headscope.backbones.streams`);
           their queries attend to [concept keys; image keys]; no image or prompt token attends to a
           concept key, so the generated image is bitwise unchanged;
   readers after each block, every reader's `read_concepts(ctx, block)` gets a `ConceptBlock`: the
@@ -44,7 +45,7 @@ from functools import partial
 import torch
 
 from headscope.backbones import backbone_for
-from headscope.backbones.streams import step_for
+from headscope.backbones.streams import MODULATED, step_for
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.joint import JointTensors
@@ -128,6 +129,7 @@ class ConceptStream(Hook):
         self._selection: TokenSelection | None = None  # this forward's, when a reader selects
         self._key_mask: torch.Tensor | None = None  # [rows, T_sel] bool; None when nothing is padded
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
+        self._modulation: dict[int, torch.Tensor] = {}  # per block: its text norm's linear(silu(temb)), all rows
 
     # -- what the trace calls ------------------------------------------------------------------
 
@@ -144,6 +146,9 @@ class ConceptStream(Hook):
         for layer in self.index.layers:
             block = model.get_submodule(layer.name.rsplit(".", 1)[0])
             step = step_for(self.backbone.family, layer.kind)
+            norm = getattr(block, MODULATED[(self.backbone.family, layer.kind)], None)
+            if isinstance(getattr(norm, "linear", None), torch.nn.Module):
+                self._handles.append(norm.linear.register_forward_hook(partial(self._keep_modulation, layer.index)))
             self._handles.append(block.register_forward_hook(partial(self._after_block, layer.index, step),
                                                              with_kwargs=True))
 
@@ -161,7 +166,7 @@ class ConceptStream(Hook):
 
     def begin_forward(self, state: RunState | None) -> None:
         """A denoiser forward starts: the stream restarts from the encoded entries (None: a pass not recorded)."""
-        self._states, self._captured = None, {}
+        self._states, self._captured, self._modulation = None, {}, {}
         self._selection, self._key_mask = None, None
         self._rows = state.layout.rows(self.rows) if state is not None and state.layout is not None else ()
 
@@ -177,6 +182,11 @@ class ConceptStream(Hook):
         self._captured[ctx.layer.index] = (ctx, tensors)
 
     # -- the stream ----------------------------------------------------------------------------
+
+    def _keep_modulation(self, layer: int, module, args, output) -> None:
+        """Forward hook of a block's text-norm linear: its output, which the concept tokens reuse."""
+        if self._rows:
+            self._modulation[layer] = output
 
     @torch.no_grad()
     def _after_block(self, layer: int, step, block, args, kwargs, output) -> None:
@@ -194,7 +204,9 @@ class ConceptStream(Hook):
         # After the last block nothing needs the states; its outputs only a reader that asks for them.
         carry = layer != self.index.layers[-1].index or any(getattr(reader, "needs_outputs", True)
                                                             for reader in self.readers)
-        result = step(block, states, temb[rows], image, carry, self._key_mask)
+        modulation = self._modulation.pop(layer, None)
+        modulation = None if modulation is None else modulation[rows]
+        result = step(block, states, temb[rows], image, carry, self._key_mask, modulation)
         self._states = result.states
         record = ConceptBlock(image_query=image.query, image_output=image.output, concept_key=result.concept_key,
                               concept_output=result.concept_output, selection=self._selection)

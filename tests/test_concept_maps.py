@@ -71,6 +71,52 @@ def test_the_concept_stream_leaves_the_image_bitwise_unchanged(family, request):
     assert tc.concept_maps(image=1).shape == (3, 16, 16)
 
 
+@pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
+def test_the_concept_tokens_reuse_each_blocks_modulation_instead_of_computing_it_again(family, request):
+    from headscope.backbones import backbone_for
+    from headscope.backbones.streams import MODULATED
+    from headscope.heads import HeadIndex
+
+    pipe = request.getfixturevalue(family)
+    model = pipe.transformer
+    calls = {}
+    handles = []
+    for layer in HeadIndex.from_model(model).layers:
+        block = model.get_submodule(layer.name.rsplit(".", 1)[0])
+        linear = getattr(block, MODULATED[(backbone_for(pipe).family, layer.kind)]).linear
+        handles.append(linear.register_forward_hook(
+            lambda module, args, output, name=layer.name: calls.__setitem__(name, calls.get(name, 0) + 1)))
+    try:
+        generate_joint(pipe, PROMPT, steps=2)
+        plain, calls = dict(calls), {}
+        with headscope.trace(pipe, concepts=CONCEPTS):
+            generate_joint(pipe, PROMPT, steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == plain and set(plain.values()) == {2}  # once per block and forward, by the block itself
+
+
+@pytest.mark.parametrize("kind", ["AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous"])
+def test_adaptive_norm_on_a_kept_modulation_is_bitwise_the_modules_own(kind):
+    from diffusers.models import normalization
+
+    from headscope.backbones.streams import adaptive_norm
+
+    torch.manual_seed(0)
+    norm = (normalization.AdaLayerNormContinuous(16, 16, elementwise_affine=False, eps=1e-6)
+            if kind == "AdaLayerNormContinuous" else getattr(normalization, kind)(16))
+    states, temb = torch.randn(3, 5, 16), torch.randn(3, 16)
+    def parts(result):
+        return result if isinstance(result, tuple) else (result,)
+
+    own = parts(norm(states, temb) if kind == "AdaLayerNormContinuous" else norm(states, emb=temb))
+    kept = parts(adaptive_norm(norm, states, temb, norm.linear(norm.silu(temb))))
+    called = parts(adaptive_norm(norm, states, temb))  # no modulation kept: the module itself
+    assert len(own) == len(kept) == len(called)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(own, kept, called))
+
+
 # -- against a reference ----------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -17,7 +17,10 @@ last, `context_pre_only` block, whose text outputs the model drops). With `carry
 block, when no reader wants the outputs) only the keys are computed: output and states are None.
 `key_mask` ([rows, tokens] bool, False on padding) hides concept tokens from every concept query,
 for rows that carry fewer real tokens than the stream holds; None (the default) hides none and
-leaves the attention call exactly as without it.
+leaves the attention call exactly as without it. `modulation` ([rows, k * dim]) is the output of the
+block's adaptive norm's own `linear` for these rows, captured while the block ran on the prompt
+(`MODULATED` names that norm): given it, the concept tokens reuse it instead of computing the same
+linear of temb again, which at Flux width is a third of the weights the concept path reads.
 
 Flux applies RoPE after joining text and image; its text ids are all zeros (`FluxPipeline` builds
 `txt_ids` as zeros), and at position 0 the rotation is the identity (cos 0 = 1, sin 0 = 0), so concept
@@ -39,6 +42,10 @@ class BlockStep:
     concept_key: torch.Tensor
     concept_output: torch.Tensor | None
     states: torch.Tensor | None
+
+
+MODULATED = {("sd3", "joint"): "norm1_context", ("flux", "joint"): "norm1_context", ("flux", "single"): "norm"}
+"""The adaptive norm, per kind of block, whose modulation (`norm.linear`'s output) the concept tokens share."""
 
 
 def step_for(family: str, kind: str):
@@ -69,14 +76,34 @@ def _one_way_attention(query, key, value, image, key_mask=None) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
-def sd3_joint_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
+def adaptive_norm(norm, states, temb, modulation=None):
+    """`norm(states, temb)` for diffusers' AdaLayerNormZero (-> normed, gate_msa, shift_mlp, scale_mlp,
+    gate_mlp), AdaLayerNormZeroSingle (-> normed, gate) and AdaLayerNormContinuous (-> normed); with
+    `modulation` [rows, k * dim], the module's own `linear(silu(temb))` already computed, the same maths
+    on it (any other norm, or one with its own embedding, is called as it is)."""
+    kind = type(norm).__name__
+    if modulation is None or getattr(norm, "emb", None) is not None or kind not in _CHUNKS:
+        return norm(states, temb) if kind == "AdaLayerNormContinuous" else norm(states, emb=temb)
+    parts = modulation.chunk(_CHUNKS[kind], dim=1)
+    if kind == "AdaLayerNormContinuous":
+        scale, shift = parts
+        return norm.norm(states) * (1 + scale)[:, None, :] + shift[:, None, :]
+    shift, scale, *rest = parts
+    return (norm.norm(states) * (1 + scale[:, None]) + shift[:, None], *rest)
+
+
+_CHUNKS = {"AdaLayerNormZero": 6, "AdaLayerNormZeroSingle": 3, "AdaLayerNormContinuous": 2}
+
+
+def sd3_joint_step(block, states, temb, image, carry: bool = True, key_mask=None, modulation=None) -> BlockStep:
     """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
     norm2_context, ff_context), with the concept tokens as the context."""
     attn = block.attn
     if block.context_pre_only:
-        normed = block.norm1_context(states, temb)
+        normed = adaptive_norm(block.norm1_context, states, temb, modulation)
     else:
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaptive_norm(block.norm1_context, states, temb,
+                                                                          modulation)
     key = _heads(attn.add_k_proj(normed), attn.heads)
     if attn.norm_added_k is not None:
         key = attn.norm_added_k(key)
@@ -109,11 +136,11 @@ def _shared_projections(attn, normed):
     return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
 
 
-def flux_double_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
+def flux_double_step(block, states, temb, image, carry: bool = True, key_mask=None, modulation=None) -> BlockStep:
     """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
     norm2_context, ff_context) with the concept tokens as the text."""
     attn = block.attn
-    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(states, emb=temb)
+    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaptive_norm(block.norm1_context, states, temb, modulation)
     if not carry and not getattr(attn, "fused_projections", False):
         return BlockStep(attn.norm_added_k(_heads(attn.add_k_proj(normed), attn.heads)), None, None)
     query, key, value = (_heads(part, attn.heads) for part in _added_projections(attn, normed))
@@ -130,11 +157,11 @@ def flux_double_step(block, states, temb, image, carry: bool = True, key_mask=No
     return BlockStep(key, output, states)
 
 
-def flux_single_step(block, states, temb, image, carry: bool = True, key_mask=None) -> BlockStep:
+def flux_single_step(block, states, temb, image, carry: bool = True, key_mask=None, modulation=None) -> BlockStep:
     """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
     the MLP branch side by side, proj_out of both, gate, residual."""
     attn = block.attn
-    normed, gate = block.norm(states, emb=temb)
+    normed, gate = adaptive_norm(block.norm, states, temb, modulation)
     if not carry and not getattr(attn, "fused_projections", False):
         return BlockStep(attn.norm_k(_heads(attn.to_k(normed), attn.heads)), None, None)
     query, key, value = (_heads(part, attn.heads) for part in _shared_projections(attn, normed))
