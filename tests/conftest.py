@@ -1,6 +1,8 @@
 """Session fixtures: the tiny pipelines of `headscope.testing`, built once per test session."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -40,3 +42,23 @@ def tiny_flux(tmp_path_factory):
     from headscope.testing_joint import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def _saved_joint(pipe, tmp_path_factory, name):
+    """A tiny joint pipeline saved with save_pretrained, with the 16-token T5 length its tests generate at."""
+    folder = tmp_path_factory.mktemp(name) / "pipeline"
+    pipe.save_pretrained(folder)
+    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tiny_sd3, tmp_path_factory):
+    """The tiny SD3 pipeline as a user's model folder (tests only read it)."""
+    return _saved_joint(tiny_sd3, tmp_path_factory, "tiny-sd3-saved")
+
+
+@pytest.fixture(scope="session")
+def flux_folder(tiny_flux, tmp_path_factory):
+    """The tiny Flux pipeline as a user's model folder (tests only read it)."""
+    return _saved_joint(tiny_flux, tmp_path_factory, "tiny-flux-saved")

@@ -13,22 +13,6 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
-@pytest.fixture(scope="module")
-def sd3_folder(tiny_sd3, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd3-saved") / "pipeline"
-    tiny_sd3.save_pretrained(folder)
-    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flux_folder(tiny_flux, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-flux-saved") / "pipeline"
-    tiny_flux.save_pretrained(folder)
-    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
-    return folder
-
-
 def test_heads_lists_joint_blocks_from_the_config_alone(sd3_folder, flux_folder):
     sd3 = invoke("heads", "--model", sd3_folder)
     assert sd3.exit_code == 0, sd3.output

@@ -261,16 +261,6 @@ def test_a_unet_has_no_text_stream_to_carry_concepts(tiny_sd):
 
 # -- the command line -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd3_folder(tiny_sd3, tmp_path_factory):
-    import json
-
-    folder = tmp_path_factory.mktemp("tiny-sd3-concepts") / "pipeline"
-    tiny_sd3.save_pretrained(folder)
-    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
-    return folder
-
-
 def invoke(*args):
     from click.testing import CliRunner
 

@@ -159,14 +159,6 @@ def test_head_reweighting_runs_on_joint_attention(tiny_flux):
 # -- the command line on a saved tiny Flux folder ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def flux_folder(tiny_flux, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-flux-steer") / "pipeline"
-    tiny_flux.save_pretrained(folder)
-    (folder / "headscope.json").write_text(json.dumps({"defaults": {"max_sequence_length": 16}}))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def flux_hrv(tiny_flux, tmp_path_factory):
     return random_hrv(tiny_flux).save(tmp_path_factory.mktemp("flux-hrv") / "flux.hrv")
 
