@@ -9,9 +9,11 @@
 
 Throughput: one `HRVBuilder.fit` over N prompts (text encoding and key projection included).
 Overhead: the same prompt and seed generated three ways — plain, traced without hooks, traced with the
-concept-vote reader (on SD3 / Flux: the concept stream carrying every concept word, and the reader) —
-interleaved (order rotating each repeat) after a warm-up of each, in one process; the medians are
-compared. --joint adds, in the same process, small random joint-attention models of the shapes world's
+concept-vote reader (on SD3 / Flux: the concept stream carrying the word drawn for each concept, and
+the reader) — interleaved (order rotating each repeat) after a warm-up of each, in one process. Two
+ratios: of the arms' medians, and "paired", the median over repeats of an arm's time over plain's in
+the same repeat, which drift between repeats (other tenants of a shared machine) does not move.
+--joint adds, in the same process, small random joint-attention models of the shapes world's
 sizes, with the shapes concepts over the shapes tokenizer (23 one-token words):
   sd3   the SD3-style shapes architecture (headscope.shapes.mmdit, MMDiTConfig(): 5 joint blocks x 4
         heads x 32, 16x16 = 256 image tokens, 24 CLIP + 24 T5 text tokens, guidance: an [uncond; cond] batch)
@@ -254,18 +256,25 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         for arm in order:
             runs[arm].append(run(arm))
     medians = {arm: statistics.median(times) for arm, times in runs.items()}
+    # Each repeat runs the three arms back to back: the median of the per-repeat ratios cancels drift
+    # between repeats (other tenants of a shared machine) that the ratio of medians keeps.
+    paired = {arm: statistics.median(a / b for a, b in zip(runs[arm], runs["plain"])) for arm in ("traced", "probe")}
     return {"median_seconds": {arm: round(value, 4) for arm, value in medians.items()},
             "probe_over_plain": round(medians["probe"] / medians["plain"], 3),
             "traced_over_plain": round(medians["traced"] / medians["plain"], 3),
+            "paired_probe_over_plain": round(paired["probe"], 3),
+            "paired_traced_over_plain": round(paired["traced"], 3),
+            "seconds": {arm: [round(value, 4) for value in times] for arm, times in runs.items()},
             "repeats": args.repeats, "arm_prompts": len(prompt)}
 
 
 def side_by_side(results: list[dict]) -> str:
     """One row per model: heads, seconds per generation plain, and the traced / probe ratios."""
     rows = [(entry["model"][:72], entry["family"], entry["heads"], entry["median_seconds"]["plain"],
-             entry["traced_over_plain"], entry["probe_over_plain"]) for entry in results]
-    return "\n" + harness.table(rows, ["model", "family", "heads", "plain s", "traced / plain", "probe / plain"],
-                                digits=3, left=2)
+             entry["traced_over_plain"], entry["probe_over_plain"], entry["paired_traced_over_plain"],
+             entry["paired_probe_over_plain"]) for entry in results]
+    return "\n" + harness.table(rows, ["model", "family", "heads", "plain s", "traced / plain", "probe / plain",
+                                       "paired traced", "paired probe"], digits=3, left=2)
 
 
 def table(result: dict) -> str:
@@ -278,7 +287,9 @@ def table(result: dict) -> str:
             ("generation, plain", f"{medians['plain']:.4f} s (median of {result['repeats']}, "
                                   f"{result['arm_prompts']} prompt(s))"),
             ("generation, traced (no hook)", f"{medians['traced']:.4f} s  x{result['traced_over_plain']}"),
-            ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}")]
+            ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}"),
+            ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
+                                                  f"probe x{result['paired_probe_over_plain']}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
