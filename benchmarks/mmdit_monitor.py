@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n-pair", type=int, default=8)
     parser.add_argument("--n-count", type=int, default=0)
     parser.add_argument("--n-polysemy", type=int, default=0)
+    parser.add_argument("--scene-seed", type=int, default=1234,
+                        help="seed of the prompt set (default: shapes eval's; another one for tuning on prompts "
+                             "the evaluation does not score)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: RUN/monitor-STEP.json)")
     args = parser.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     guidance = args.guidance if args.guidance is not None else defaults.pop("guidance_scale", 5.0)
     defaults.pop("num_inference_steps", None), defaults.pop("guidance_scale", None)
     pipe = load_pipeline(str(args.model), device="cpu", dtype="fp32")  # generation passes the call defaults
-    scenes = eval_scenes(n_single=args.n_single, n_pair=args.n_pair, n_count=args.n_count,
+    scenes = eval_scenes(seed=args.scene_seed, n_single=args.n_single, n_pair=args.n_pair, n_count=args.n_count,
                          n_polysemy=args.n_polysemy)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     result = evaluate(pipe, scenes, seeds=seeds, steps=steps, guidance=guidance, progress=False)
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     print(format_summary(result["summary"]))
     out = args.out or args.model.parent / f"monitor-{step}.json"
     write_json(out, {"model": str(args.model), "steps_trained": step, "call_defaults": defaults,
+                     "scene_seed": args.scene_seed,
                      "seconds": round(time.perf_counter() - started, 1), **result})
     print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -6,7 +6,8 @@
 
 For each scorable concept c of the HRV (color, shape, size, position, fill, count), one-object scenes
 whose captions name every attribute are generated with no head weakened, with the top quarter of heads
-by relevance to c weakened (MoRHF), with the bottom quarter weakened (LeRHF) and with a random quarter.
+by relevance to c weakened (MoRHF), with the bottom quarter weakened (LeRHF) and with a random quarter
+(--share: another share of the heads).
 Reported per concept: the annotator's accuracy on c without weakening, its drop under each order, the
 mean drop of the other concepts under each order, and two specificity numbers (a good HRV hits c harder
 than the rest, and harder with its top heads than with its bottom ones): MoRHF drop of c minus the
@@ -77,6 +78,8 @@ def options():
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--factor", type=float, default=-2.0)
+    parser.add_argument("--share", type=float, default=0.25,
+                        help="share of the heads each order weakens (default: a quarter, the HRV paper's)")
     parser.add_argument("--batch-size", type=int, default=8)
     return parser
 
@@ -103,7 +106,7 @@ def measure(args) -> dict:
         comparison += entries
     first, pipe = comparison[0], models[0]["pipe"]
     result = {"model": first["description"], "hrv": first["hrv"]["model"], **harness.machine(pipe),
-              "n_heads": first["n_heads"], "k": first["k"], "factor": args.factor, "n_prompts": len(scenes),
+              "n_heads": first["n_heads"], "k": first["k"], "factor": args.factor, "share": args.share, "n_prompts": len(scenes),
               "seeds": args.seeds, "steps": args.steps, "rows": first["rows"],
               "comparison": comparison, "generations": generations}
     print(table(result))
@@ -283,17 +286,17 @@ def weaken_variants(args, model: dict, variants, scenes) -> tuple[list[dict], in
 
     cache, entries, generations = {}, [], 0
     for variant, hrv, source in variants:
-        quarter = hrv.n_heads // 4
+        k = max(1, min(hrv.n_heads, round(args.share * hrv.n_heads)))
         rows = []
         for concept in [name for name in hrv.concepts if name.lower() in SHAPES_METRICS]:
-            sweep = OrderedWeakening(concept, hrv, ks=[0, quarter], factor=args.factor, orders=ORDERS,
+            sweep = OrderedWeakening(concept, hrv, ks=[0, k], factor=args.factor, orders=ORDERS,
                                      seeds=args.seeds, random_seed=args.seed, steps=args.steps,
                                      guidance=args.guidance, batch_size=args.batch_size, progress=True,
                                      call_options=model["call"], cache=cache).fit(model["pipe"], scenes)
-            rows.append(concept_row(concept, sweep.summary_, quarter))
+            rows.append(concept_row(concept, sweep.summary_, k))
             generations += sweep.settings_["generations"]
         entries.append({"model": model["name"], "description": model["description"], "variant": variant,
-                        "hrv": source, "n_heads": hrv.n_heads, "k": quarter, "rows": rows,
+                        "hrv": source, "n_heads": hrv.n_heads, "k": k, "rows": rows,
                         **{f"mean_{key}": mean(row[key] for row in rows)
                            for key in ("morhf_minus_others", "morhf_minus_lerhf")}})
     return entries, generations
@@ -304,13 +307,13 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def concept_row(concept: str, summary: list[dict], quarter: int) -> dict:
+def concept_row(concept: str, summary: list[dict], k: int) -> dict:
     """Accuracy of the weakened concept at k=0 and its drops; the other concepts' mean drop per order; specificity."""
     mean_of = {(row["order"], row["k"], row["concept"]): row["mean"] for row in summary}
     others = sorted({row["concept"] for row in summary if row["role"] == "control"})
 
     def drop(order, name):
-        return mean_of[("morhf", 0, name)] - mean_of[(order, quarter, name)]
+        return mean_of[("morhf", 0, name)] - mean_of[(order, k, name)]
 
     row = {"concept": concept, "accuracy": mean_of[("morhf", 0, concept)]}
     for order in ORDERS:
@@ -333,7 +336,7 @@ def table(result: dict) -> str:
             for entry in comparison for row in entry["rows"]]
     models = ", ".join(dict.fromkeys(entry["description"] for entry in comparison))
     heads = ", ".join(dict.fromkeys(f"{entry['k']} of {entry['n_heads']}" for entry in comparison))
-    return (f"ordered weakening, k = {heads} heads (a quarter), factor {result['factor']}, "
+    return (f"ordered weakening, k = {heads} heads, factor {result['factor']}, "
             f"{result['n_prompts']} prompts x {len(result['seeds'])} seeds — {models}\n"
             + harness.table(rows, (*(("model", "variant") if several else ()), *columns), left=3 if several else 1))
 
