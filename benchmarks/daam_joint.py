@@ -107,6 +107,11 @@ def add_concept_maps(record: dict, tc, image: int, windows: dict, roles: dict) -
                               for name, spec in windows.items()}
 
 
+def concept_fit(views: list[str], size, upsample: str) -> map_fit.Fit:
+    """The fit a concept map is scored with: a stack of one map, no HRV."""
+    return map_fit.Fit(None, 1, views, size, upsample)
+
+
 def score_concepts(calibration, heldout, views: list[str], size, upsample: str) -> dict:
     """{role: {"concept": entry}}, entries as `map_fit.fit_and_score` gives them: the step window and tau*
     fit on the calibration records, scored on the held-out ones. A concept map is scored as a stack of one
@@ -114,7 +119,7 @@ def score_concepts(calibration, heldout, views: list[str], size, upsample: str) 
     def as_maps(record: dict) -> dict:  # the word maps' per-head IoU cache stays behind
         return {**{key: value for key, value in record.items() if key != "_head_iou"}, "maps": record["concept_maps"]}
 
-    fit = map_fit.Fit(None, 1, views, size, upsample)
+    fit = concept_fit(views, size, upsample)
     table = map_fit.fit_and_score(fit, [as_maps(r) for r in calibration], [as_maps(r) for r in heldout],
                                   methods=("daam",))
     return {role: {"concept": methods["daam"]} for role, methods in table.items()}

@@ -32,8 +32,9 @@ pointing, mIoU at tau* and CA mIoU) ends the output.
 Maps of existing images (`headscope.image_maps`): scenes the renderer draws (no model drew them),
 scored against the renderer's own masks, calibration scenes from the calibration prompts (noise
 seeds from 100), held-out scenes from the held-out prompts (noise seeds from 0); the noising strength
-(--strengths) is one more choice fit on the calibration scenes. UNet only: the joint model has neither
-image maps nor the figure.
+(--strengths) is one more choice fit on the calibration scenes. UNet only: a joint model has no image
+maps, and its figure (daam_methods_NAME.png beside the UNet's) shows its word maps (all heads, fitted
+heads) and its concept maps.
 
 The old keys stay: "summary" (plain DAAM, all steps, held-out split), "heads" (every head on its own,
 each resolution level, the k best heads ranked on half of the held-out prompts and scored on the
@@ -522,8 +523,13 @@ def measure_model(args, name: str) -> dict:
     table = summarize(records)
     heads = head_analysis(records, index, args.upsample)
     image_maps = None if joint else _image_maps(pipe, args, cal_scenes, held_scenes, index, hrv)
+    figure = args.figure or args.out.with_name("daam_methods.png")
     if not joint:
-        daam_figure.save(args.figure or args.out.with_name("daam_methods.png"), records, fit, methods, image_maps)
+        daam_figure.save(figure, records, fit, methods, image_maps)
+    else:  # a joint model's figure beside the UNet's: word maps and concept maps
+        daam_figure.save(figure.with_name(f"{figure.stem}_{name}{figure.suffix}"), records, fit, methods, None,
+                         shown=daam_figure.JOINT_FIGURE_METHODS,
+                         concept_fit=daam_joint.concept_fit(list(WINDOWS), size, args.upsample))
     print(f"DAAM vs annotator masks — {model_name}, held-out {len(held_scenes)} prompts x {len(seeds)} seeds, "
           f"{args.steps} steps, guidance {guidance}, upsample {args.upsample}")
     print(format_table(table))

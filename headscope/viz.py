@@ -208,7 +208,8 @@ def _outline(head: int, layer: int):
 
 
 METHOD_HEADERS = {"daam": "daam\n(all heads summed)", "selective": "selective\n(HRV's top-k heads)",
-                  "weighted": "weighted\n(heads x HRV relevance)", "fitted": "fitted heads\n(best k on calibration)"}
+                  "weighted": "weighted\n(heads x HRV relevance)", "fitted": "fitted heads\n(best k on calibration)",
+                  "concept": "concept map\n(output space)"}
 
 
 def method_comparison_figure(rows: list[dict], methods, *, tau: float = 0.4) -> Figure:

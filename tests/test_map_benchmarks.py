@@ -77,11 +77,21 @@ def side_by_side_run(tmp_path_factory):
             "--tiny", "--models", "shapes,shapes-mmdit", "--n-single", "5", "--n-pair", "1", "--cal-single", "2",
             "--cal-pair", "1", "--steps", "2", "--seeds", "0", "--cal-seeds", "1", "--image-cal", "0",
             "--out", str(out)])
-    return json.loads(out.read_text()), printed.getvalue()
+    return json.loads(out.read_text()), printed.getvalue(), out.parent
+
+
+def test_daam_benchmark_writes_a_figure_per_model_the_joint_one_with_its_concept_maps(side_by_side_run):
+    from PIL import Image
+
+    folder = side_by_side_run[2]
+    figures = sorted(path.name for path in folder.glob("*.png"))
+    assert figures == ["daam_methods.png", "daam_methods_shapes-mmdit.png"]
+    width, height = Image.open(folder / "daam_methods_shapes-mmdit.png").size
+    assert width > 600 and height > 200
 
 
 def test_daam_benchmark_keeps_the_unets_keys_and_puts_the_joint_model_under_models(side_by_side_run):
-    result, printed = side_by_side_run
+    result, printed, _ = side_by_side_run
     assert "build_tiny_shapes" in result["model"] and "summary" in result and "records" in result
     assert not any("concept" in methods for methods in result["methods"].values())
     joint = result["models"]["shapes-mmdit"]
