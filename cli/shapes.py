@@ -73,7 +73,7 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
 @click.option("--seed", type=SEED, default=None)
 @click.option("--tiny", is_flag=True, help="A tiny architecture, for smoke tests.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Another run folder: reuse its VAE and latents and start from its UNet checkpoint.")
+              help="Another run folder: reuse its VAE (mmdit: its latent cache) and start from its checkpoint.")
 @click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="UNet target (default: epsilon).")
 @click.option("--zero-snr/--no-zero-snr", default=None,
@@ -85,10 +85,18 @@ def _contact_sheet(images, captions, path: Path, columns: int = 4) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--arch", type=click.Choice(["unet", "mmdit"]), default="unet", show_default=True,
               help="unet: the embedded SD-style model; mmdit: the SD3-style joint-attention model (it reuses the "
-                   "embedded model's VAE; its options are --steps, --n-scenes, --seed, --tiny, --threads).")
+                   "embedded model's VAE; its options are --steps, --n-scenes, --seed, --tiny, --threads, and for a "
+                   "fine-tuning phase --init-from, --pair-share, --lr, --lr-final, --warmup).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="--arch mmdit: total transformer steps.")
+@click.option("--pair-share", type=click.FloatRange(0, 1), default=None,
+              help="--arch mmdit: share of each batch from two-object scenes (default 0).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="--arch mmdit: learning rate (default 3e-4).")
+@click.option("--lr-final", type=click.FloatRange(0), default=None,
+              help="--arch mmdit: decay the learning rate on a cosine to this by the last step (default: constant).")
+@click.option("--warmup", type=click.IntRange(1), default=None, help="--arch mmdit: warm-up steps (default 300).")
 def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_from, prediction, zero_snr,
-              high_noise_share, position_share, threads, arch, steps):
+              high_noise_share, position_share, threads, arch, steps, pair_share, lr, lr_final, warmup):
     """Train (or resume) a shapes model: VAE, latent encoding, then UNet + text encoder with EMA (--arch mmdit:
     an SD3-style transformer and its three text encoders, rectified flow, on the embedded model's VAE).
 
@@ -105,17 +113,20 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_f
         torch.set_num_threads(threads)
     click.get_current_context().meta[RESUME_HINT] = (f"checkpoints are kept in {run_dir}/; run the same command "
                                                      "again to resume")
+    mmdit_options = {"steps": steps, "pair_share": pair_share, "lr": lr, "lr_final": lr_final, "warmup": warmup}
     if arch == "mmdit":
-        unet_only = {"--unet-steps": unet_steps, "--vae-steps": vae_steps, "--init-from": init_from,
+        unet_only = {"--unet-steps": unet_steps, "--vae-steps": vae_steps,
                      "--prediction": prediction, "--zero-snr": zero_snr, "--high-noise-share": high_noise_share,
                      "--position-share": position_share}
         given = [name for name, value in unet_only.items() if value is not None]
         if given:
             raise HeadscopeError(f"{', '.join(given)} only apply to --arch unet")
-        click.echo(f"exported pipeline: {_train_mmdit(run_dir, steps, n_scenes, seed, tiny)}")
+        options = {name: value for name, value in mmdit_options.items() if value is not None}
+        click.echo(f"exported pipeline: {_train_mmdit(run_dir, options, n_scenes, seed, tiny, init_from)}")
         return
-    if steps is not None:
-        raise HeadscopeError("--steps is the transformer's step count of --arch mmdit; the UNet's is --unet-steps")
+    given = [f"--{name.replace('_', '-')}" for name, value in mmdit_options.items() if value is not None]
+    if given:
+        raise HeadscopeError(f"{', '.join(given)} only apply to --arch mmdit (the UNet's step count is --unet-steps)")
     from headscope.shapes.model import TINY
     from headscope.shapes.train import TrainConfig, train
 
@@ -136,15 +147,24 @@ def train_cmd(run_dir: Path, unet_steps, vae_steps, n_scenes, seed, tiny, init_f
     click.echo(f"exported pipeline: {pipeline}")
 
 
-def _train_mmdit(run_dir: Path, steps, n_scenes, seed, tiny) -> Path:
-    """Train (or resume) the SD3-style model in `run_dir`; a resumed run keeps its saved config."""
+def _train_mmdit(run_dir: Path, options: dict, n_scenes, seed, tiny, init_from) -> Path:
+    """Train (or resume) the SD3-style model in `run_dir`; a resumed run keeps its saved config but for
+    the given options (`steps`, and a fine-tuning phase's `pair_share`, `lr`, `lr_final`, `warmup`)."""
     from headscope.shapes.train_mmdit import MMDiTTrainConfig, tiny_config, train_mmdit
 
     saved = run_dir / "run.json"
     cfg = tiny_config() if tiny and not saved.is_file() else _saved_config(saved, MMDiTTrainConfig)
-    for name, value in (("steps", steps), ("n_scenes", n_scenes), ("seed", seed)):
+    for name, value in (*options.items(), ("n_scenes", n_scenes), ("seed", seed),
+                        ("init_from", init_from and str(init_from.resolve()))):
         if value is not None:
             setattr(cfg, name, value)
+    if cfg.init_from and not (run_dir / "checkpoint" / "state.pt").is_file():
+        needed = ("checkpoint/weights.safetensors", "checkpoint/state.pt", "latents.json", "latents.safetensors")
+        missing = [name for name in needed if not (Path(cfg.init_from) / name).is_file()]
+        if missing:
+            raise HeadscopeError(f"--init-from {cfg.init_from} is not an SD3-style training run (it lacks "
+                                 f"{', '.join(missing)}); give a --run-dir that `headscope shapes train --arch mmdit` "
+                                 "has trained")
     return train_mmdit(run_dir, cfg)
 
 

@@ -145,6 +145,22 @@ def test_shapes_train_arch_mmdit_trains_the_tiny_model_from_the_command_line(tmp
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 20
 
 
+def test_shapes_train_arch_mmdit_fine_tunes_from_another_run_on_the_command_line(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from headscope_cli.main import cli
+
+    run_dir = tmp_path / "ft"
+    result = CliRunner().invoke(cli, ["shapes", "train", "--arch", "mmdit", "--tiny", "--run-dir", str(run_dir),
+                                      "--init-from", str(tiny_run), "--steps", "4", "--pair-share", "0.5",
+                                      "--lr", "1e-4", "--lr-final", "1e-5", "--warmup", "2"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run_dir / "run.json").read_text())
+    assert (saved["init_from"], saved["pair_share"], saved["lr"], saved["lr_final"], saved["warmup"]) == (
+        str(tiny_run.resolve()), 0.5, 1e-4, 1e-5, 2)
+    assert json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])["stage"] == "init"
+
+
 def test_shipping_keeps_the_exports_own_defaults_and_adds_the_chosen_ones(tmp_path):
     import json
 
