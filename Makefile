@@ -48,16 +48,26 @@ bench: install-test
 	$(BIN)/python benchmarks/steering.py --tasks neglect --n-prompts 100 --out benchmarks/results/steering_neglect100.json
 
 # The two embedded models side by side (UNet "shapes", SD3-style "shapes-mmdit"), at the sizes README reports
-# (CPU: about 40 minutes).
+# (CPU: about 45 minutes).
+NOSHAPE = benchmarks/concept_sets/shapes_no_shape.json
 bench-joint: install-test
 	$(BIN)/headscope shapes eval --model shapes-mmdit --seeds 0,1 --out benchmarks/results/shapes_eval_mmdit.json
 	$(BIN)/python benchmarks/steering.py --models shapes,shapes-mmdit --tasks neglect polysemy --n-prompts 8 \
 		--out benchmarks/results/steering_models.json
 	$(BIN)/python benchmarks/daam_segmentation.py --models shapes,shapes-mmdit --n-single 24 --n-pair 8 \
-		--cal-single 12 --cal-pair 4 --seeds 0 --cal-seeds 2 --image-cal 0 --figure $(OUT)/daam_methods_models.png \
-		--out benchmarks/results/daam_segmentation_models.json
+		--cal-single 12 --cal-pair 4 --seeds 0 --cal-seeds 2 --image-cal 0 \
+		--figure benchmarks/results/daam_methods_models.png --out benchmarks/results/daam_segmentation_models.json
+	$(BIN)/headscope hrv build --concepts $(NOSHAPE) --n-prompts 256 --seed 0 --out $(OUT)/hrv/shapes_no_shape.hrv
+	$(BIN)/headscope hrv build --model shapes-mmdit --concepts $(NOSHAPE) --n-prompts 128 --seed 0 \
+		--out $(OUT)/hrv/shapes_mmdit_no_shape.hrv
+	$(BIN)/python benchmarks/weakening.py --models shapes --n-prompts 16 --seeds 0 --variants argmax,no-shape \
+		--hrv-extra no-shape=$(OUT)/hrv/shapes_no_shape.hrv --out benchmarks/results/weakening_word_sets.json
 	$(BIN)/python benchmarks/weakening.py --models shapes,shapes-mmdit --n-prompts 8 --seeds 0 \
-		--variants argmax,soft,argmax:early,argmax:late --soft-prompts 64 --out benchmarks/results/weakening_variants.json
+		--variants argmax,soft,argmax:early,argmax:late,no-shape --soft-prompts 64 \
+		--hrv-extra no-shape=$(OUT)/hrv/shapes_no_shape.hrv --hrv-extra no-shape=$(OUT)/hrv/shapes_mmdit_no_shape.hrv \
+		--out benchmarks/results/weakening_variants.json
+	$(BIN)/python benchmarks/weakening.py --models shapes-mmdit --n-prompts 8 --seeds 0 --share 1.0 \
+		--out benchmarks/results/weakening_mmdit_all_heads.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache
