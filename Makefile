@@ -39,7 +39,7 @@ bench: install-test
 	$(BIN)/python benchmarks/position_probe.py
 	$(BIN)/python benchmarks/vae_reconstruction.py
 	$(BIN)/python benchmarks/hrv_build.py --joint sd3,flux --joint-side 16,32 --repeats 9
-	$(BIN)/python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 512 --steps 2 --repeats 5 \
+	$(BIN)/python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 512 --steps 2 --repeats 7 \
 		--n-prompts 4 --out benchmarks/results/hrv_build_real.json
 	$(BIN)/python benchmarks/weakening.py
 	$(BIN)/python benchmarks/steering.py --tasks overhead --repeats 40 --out benchmarks/results/steering_overhead.json
