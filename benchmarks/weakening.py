@@ -138,6 +138,8 @@ def hrv_sources(args) -> dict[str, list]:
         if base == "soft" and not args.hrv_soft and not args.soft_prompts:
             raise HeadscopeError("the soft variant needs --hrv-soft FILE (`headscope hrv build --soft`) or "
                                  "--soft-prompts N (built on the spot)")
+    if not 0 < args.share <= 1:
+        raise HeadscopeError(f"--share {args.share}: give the share of the heads to weaken, above 0 and at most 1")
     if args.soft_prompts is not None and args.soft_prompts < 1:
         raise HeadscopeError(f"--soft-prompts {args.soft_prompts}: give a positive number of prompts")
     if args.tiny and args.hrv:

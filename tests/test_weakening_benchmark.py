@@ -43,7 +43,7 @@ def test_variants_of_both_models_share_each_models_unweakened_images(tmp_path, m
     benchmark.main(["--tiny", "--models", "shapes,shapes-mmdit", "--n-prompts", "1", "--seeds", "0", "--steps", "1",
                     "--variants", "argmax,soft:early,argmax:head-share", "--soft-prompts", "2", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert OLD_KEYS | {"comparison", "generations"} == set(result)
+    assert OLD_KEYS | {"comparison", "generations", "share"} == set(result) and result["share"] == 0.25
     assert [(entry["model"], entry["variant"]) for entry in result["comparison"]] == [
         (model, variant) for model in ("shapes", "shapes-mmdit") for variant in ("argmax", "soft:early", "argmax:head-share")]
     assert sorted(unweakened) == ["StableDiffusion3Pipeline", "StableDiffusionPipeline"]  # once per model
@@ -97,6 +97,8 @@ def test_step_windows_are_thirds_rounded_up():
     (["--variants", "soft"], "the soft variant needs --hrv-soft FILE"),
     (["--hrv-extra", "soft=x.hrv"], "give NAME=FILE with a NAME other than argmax, soft"),
     (["--hrv-soft", "missing.hrv", "--variants", "soft"], "no HRV file at missing.hrv"),
+    (["--share", "0"], "--share 0.0: give the share of the heads to weaken, above 0 and at most 1"),
+    (["--share", "1.5"], "--share 1.5: give the share"),
 ])
 def test_bad_variants_are_one_line_errors_before_any_model_loads(tmp_path, capsys, monkeypatch, options, message):
     benchmark = _load()
@@ -114,3 +116,12 @@ def test_an_hrv_file_that_fits_no_model_is_refused(tmp_path, capsys):
         _load().main(["--tiny", "--hrv-extra", f"words={default_hrv_path('shapes')}", "--variants", "words",
                       "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and "fits none of the models (shapes): HRV built for" in capsys.readouterr().err
+
+
+def test_share_sets_how_many_heads_each_order_weakens(tmp_path):
+    out = tmp_path / "weakening.json"
+    _load().main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--share", "1.0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["share"] == 1.0 and result["k"] == result["n_heads"] == 20
+    row = result["rows"][0]  # every head weakened: the three orders pick the same heads
+    assert row["drop_morhf"] == row["drop_lerhf"] == row["drop_random"]
