@@ -7,6 +7,7 @@ resumed run never unpickles anything but tensors and plain containers.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,19 @@ def load_checkpoint(path: Path):
     if not (path / "state.pt").is_file():
         return None, None
     return load_file(str(path / "weights.safetensors")), torch.load(path / "state.pt", weights_only=True)
+
+
+def starting_point(run_dir: Path, checkpoint: str, init_from: str | None):
+    """(weights, trainer state) a run starts from: its own checkpoint folder `checkpoint` when it has one
+    (resuming), else, for a fine-tuning phase, the `init_from` run's (state None: a fresh optimizer and
+    step 0; the log records where and at which step it started), else (None, None)."""
+    weights, state = load_checkpoint(run_dir / checkpoint)
+    if state is None and init_from:
+        weights, source = load_checkpoint(Path(init_from) / checkpoint)
+        if weights is None:
+            raise FileNotFoundError(f"{init_from} holds no {checkpoint} checkpoint to start from")
+        log(run_dir, {"stage": "init", "from": str(init_from), "step": source["step"], "time": time.time()})
+    return weights, state
 
 
 def log(run_dir: Path, record: dict) -> None:

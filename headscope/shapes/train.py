@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from headscope.io import atomic_path, replace_folder, write_json
 from headscope.shapes.model import (ModelConfig, build_scheduler, build_text_encoder, build_unet, build_vae,
                                     latent_size)
-from headscope.shapes.runs import EMA, load_checkpoint, save_checkpoint, split_prefix
+from headscope.shapes.runs import EMA, load_checkpoint, save_checkpoint, split_prefix, starting_point
 from headscope.shapes.runs import log as log_record
 from headscope.shapes.tokenizer import build_tokenizer
 from headscope.shapes.world import SceneSampler, render
@@ -206,13 +206,8 @@ def train_unet(run_dir: Path, cfg: TrainConfig, vae, meta: dict, *, progress: bo
     opt = torch.optim.AdamW(params.values(), lr=cfg.unet_lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
     ckpt = run_dir / "unet"
-    weights, state = load_checkpoint(ckpt)
+    weights, state = starting_point(run_dir, "unet", cfg.init_from)
     start = 0
-    if state is None and cfg.init_from:  # a fresh fine-tuning run: weights and EMA from the other run
-        weights, source = load_checkpoint(Path(cfg.init_from) / "unet")
-        if weights is None:
-            raise FileNotFoundError(f"{cfg.init_from} holds no UNet checkpoint to start from")
-        log_record(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
     if weights is not None:
         unet.load_state_dict(split_prefix(weights, "model.unet"), strict=False)
         text_encoder.load_state_dict(split_prefix(weights, "model.text"), strict=False)

@@ -39,7 +39,7 @@ from headscope.io import replace_folder, write_json
 from headscope.shapes.mmdit import (TINY_MMDIT, MMDiTConfig, assemble, build_flow_scheduler, build_text_encoders,
                                     build_transformer, encode_captions, load_shipped_vae, warm_start_clip1)
 from headscope.shapes.tokenizer import build_tokenizer
-from headscope.shapes.runs import EMA, load_checkpoint, save_checkpoint, split_prefix
+from headscope.shapes.runs import EMA, save_checkpoint, split_prefix, starting_point
 from headscope.shapes.runs import log as log_record
 from headscope.shapes.train import TrainConfig, encode_dataset
 
@@ -196,13 +196,8 @@ def train_mmdit(run_dir: str | Path, cfg: MMDiTTrainConfig | None = None, *, pro
     params = _named(modules)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
-    weights, state = load_checkpoint(run_dir / "checkpoint")
+    weights, state = starting_point(run_dir, "checkpoint", cfg.init_from)
     start = 0
-    if state is None and cfg.init_from:  # a fresh fine-tuning phase: weights and EMA from the other run
-        weights, source = load_checkpoint(Path(cfg.init_from) / "checkpoint")
-        if weights is None:
-            raise FileNotFoundError(f"{cfg.init_from} holds no checkpoint to start from")
-        log_record(run_dir, {"stage": "init", "from": str(cfg.init_from), "step": source["step"], "time": time.time()})
     if weights is not None:
         for name in COMPONENTS:
             modules[name].load_state_dict(split_prefix(weights, f"model.{name}"), strict=False)
