@@ -1,7 +1,10 @@
 """Session fixtures: the tiny pipelines of `headscope.testing`, built once per test session."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +65,21 @@ def sd3_folder(tiny_sd3, tmp_path_factory):
 def flux_folder(tiny_flux, tmp_path_factory):
     """The tiny Flux pipeline as a user's model folder (tests only read it)."""
     return _saved_joint(tiny_flux, tmp_path_factory, "tiny-flux-saved")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """`load_benchmark(NAME)`: benchmarks/NAME.py as a fresh module, importing as `python benchmarks/NAME.py`
+    does (benchmarks/ on sys.path, for `import harness`)."""
+    def load(name: str):
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

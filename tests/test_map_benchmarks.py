@@ -1,9 +1,6 @@
 """The benchmarks of maps and of the model: daam_segmentation (both shapes models), position_probe and
 vae_reconstruction run end to end."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,23 +10,12 @@ import headscope
 from headscope.maps import daam, metrics
 from headscope.testing import generate, random_hrv
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/NAME.py` has it, for `import harness`
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, load_benchmark):
     """One smoke run of daam_segmentation on the tiny pipeline: (its JSON, its folder)."""
     folder = tmp_path_factory.mktemp("daam")
-    _load("daam_segmentation").main([
+    load_benchmark("daam_segmentation").main([
         "--tiny", "--n-single", "4", "--n-pair", "1", "--cal-single", "2", "--cal-pair", "1", "--steps", "4",
         "--strengths", "0.5,1", "--samples", "1", "--image-cal", "2", "--image-heldout", "2",
         "--out", str(folder / "daam.json")])
@@ -66,14 +52,14 @@ def test_daam_benchmark_fits_on_calibration_and_scores_every_method_on_heldout_r
 
 
 @pytest.fixture(scope="module")
-def side_by_side_run(tmp_path_factory):
+def side_by_side_run(tmp_path_factory, load_benchmark):
     """One smoke run of daam_segmentation on both tiny models, UNet and SD3-style: (its JSON, its stdout)."""
     import contextlib
     import io
 
     out, printed = tmp_path_factory.mktemp("daam-models") / "daam.json", io.StringIO()
     with contextlib.redirect_stdout(printed):
-        _load("daam_segmentation").main([
+        load_benchmark("daam_segmentation").main([
             "--tiny", "--models", "shapes,shapes-mmdit", "--n-single", "5", "--n-pair", "1", "--cal-single", "2",
             "--cal-pair", "1", "--steps", "2", "--seeds", "0", "--cal-seeds", "1", "--image-cal", "0",
             "--out", str(out)])
@@ -113,12 +99,13 @@ def test_daam_benchmark_fits_the_joint_models_concept_maps_on_calibration_and_sc
     assert joint["concept_maps"]["layers"] == ["transformer_blocks.1.attn"]  # the later half of 2 blocks
 
 
-def test_the_benchmarks_concept_maps_average_as_the_librarys_and_a_roles_softmax_is_over_its_concepts(tiny_sd3):
+def test_the_benchmarks_concept_maps_average_as_the_librarys_and_a_roles_softmax_is_over_its_concepts(
+        tiny_sd3, load_benchmark):
     from headscope.maps.concepts import default_layers
     from headscope.maps.daam import _upsample
     from headscope.testing_joint import generate_joint
 
-    daam_joint = _load("daam_joint")
+    daam_joint = load_benchmark("daam_joint")
     targets = [("red", "color", 0, []), ("circle", "shape", 0, []), ("square", "shape", 0, [])]
     stream, roles = daam_joint.concept_stream(tiny_sd3, targets)
     assert stream.entries == ["red", "circle", "square", "background"]
@@ -137,8 +124,8 @@ def test_the_benchmarks_concept_maps_average_as_the_librarys_and_a_roles_softmax
     assert torch.allclose(ours[0] / ours[1], library[1] / library[2], rtol=1e-4)  # of the same scores
 
 
-def test_overlapping_calibration_and_heldout_seeds_are_refused(tmp_path, capsys):
-    benchmark = _load("daam_segmentation")
+def test_overlapping_calibration_and_heldout_seeds_are_refused(tmp_path, capsys, load_benchmark):
+    benchmark = load_benchmark("daam_segmentation")
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--tiny", "--seeds", "0,1", "--cal-seeds", "1,2", "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and "overlap" in capsys.readouterr().err
@@ -147,15 +134,16 @@ def test_overlapping_calibration_and_heldout_seeds_are_refused(tmp_path, capsys)
 
 @pytest.mark.parametrize("argv, message", [(["--models", "shapes,sd3"], "give embedded models"),
                                            (["--model", "folder", "--models", "shapes-mmdit"], "one or the other")])
-def test_models_that_are_not_embedded_or_that_clash_with_model_are_refused(tmp_path, capsys, argv, message):
+def test_models_that_are_not_embedded_or_that_clash_with_model_are_refused(tmp_path, capsys, argv, message,
+        load_benchmark):
     with pytest.raises(SystemExit) as exit_info:
-        _load("daam_segmentation").main([*argv, "--out", str(tmp_path / "x.json")])
+        load_benchmark("daam_segmentation").main([*argv, "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
-def test_pointing_counts_a_hit_only_inside_the_mask():
-    benchmark = _load("daam_segmentation")
+def test_pointing_counts_a_hit_only_inside_the_mask(load_benchmark):
+    benchmark = load_benchmark("daam_segmentation")
     maps = torch.zeros(2, 4, 4)
     maps[0, 1, 1], maps[1, 3, 3] = 1.0, 1.0
     target = torch.zeros(4, 4, dtype=torch.bool).numpy()
@@ -163,13 +151,13 @@ def test_pointing_counts_a_hit_only_inside_the_mask():
     assert benchmark._pointing(maps, target) == [1, 0]
 
 
-def test_position_probe_reports_where_each_seed_put_the_object(tmp_path):
+def test_position_probe_reports_where_each_seed_put_the_object(tmp_path, load_benchmark):
     from headscope.shapes.model import random_pipeline
 
     folder = tmp_path / "model"
     random_pipeline().save_pretrained(folder)
     out = tmp_path / "probe.json"
-    _load("position_probe").main(["--model", str(folder), "--seeds", "2", "--steps", "2", "--out", str(out)])
+    load_benchmark("position_probe").main(["--model", str(folder), "--seeds", "2", "--steps", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["follows_word"]) == {"left", "right", "top", "bottom", "center"}
     assert all(len(drawn) == 2 for drawn in result["drawn"].values())
@@ -179,23 +167,23 @@ def test_position_probe_reports_where_each_seed_put_the_object(tmp_path):
     assert 0.0 <= result["same_place_for_every_edge_word"] <= 1.0
 
 
-def test_vae_reconstruction_benchmark_scores_clean_and_rebuilt_scenes(tmp_path):
+def test_vae_reconstruction_benchmark_scores_clean_and_rebuilt_scenes(tmp_path, load_benchmark):
     from headscope.shapes.model import random_pipeline
 
     folder = tmp_path / "model"
     random_pipeline().save_pretrained(folder)
     out = tmp_path / "vae.json"
-    _load("vae_reconstruction").main(["--model", str(folder), "--n", "4", "--batch", "3", "--out", str(out)])
+    load_benchmark("vae_reconstruction").main(["--model", str(folder), "--n", "4", "--batch", "3", "--out", str(out)])
     summary = json.loads(out.read_text())["summary"]
     assert summary["clean"]["shape"] == 1.0 and summary["clean"]["color"] == 1.0  # the annotator on renders
     assert 0.0 <= summary["reconstructed"]["shape"] <= 1.0
     assert summary["reconstructed"]["shape_by_shape"]
 
 
-def test_daam_benchmark_tells_which_object_of_a_pair_a_word_describes():
+def test_daam_benchmark_tells_which_object_of_a_pair_a_word_describes(load_benchmark):
     from headscope.shapes.world import ObjectSpec, Scene
 
-    benchmark = _load("daam_segmentation")
+    benchmark = load_benchmark("daam_segmentation")
     objects = [ObjectSpec("circle", "red", "large", "left"), ObjectSpec("circle", "blue", "large", "right")]
     pair = Scene(objects, "a red circle on the left and a blue circle on the right", "pair", {})
     assert benchmark._context(pair, "circle", 0) == "pair, first"
@@ -242,8 +230,8 @@ def test_the_stacked_scores_equal_the_single_ones():
     assert metrics.pointing_stack(maps[:2], TRUTH).tolist() == [True, True]
 
 
-def test_the_benchmarks_method_maps_equal_the_librarys(tiny_sd):
-    map_fit = _load("map_fit")
+def test_the_benchmarks_method_maps_equal_the_librarys(tiny_sd, load_benchmark):
+    map_fit = load_benchmark("map_fit")
     hrv = random_hrv(tiny_sd, {"color": ["red"], "shape": ["circle"], "size": ["big"], "position": ["left"]})
     with headscope.trace(tiny_sd, keep_steps=True) as tc:
         generate(tiny_sd, "a red circle on the left", steps=4)
@@ -258,8 +246,8 @@ def test_the_benchmarks_method_maps_equal_the_librarys(tiny_sd):
         assert torch.allclose(map_fit.method_map(found[method, k], heads), expected, atol=1e-6)
 
 
-def test_fit_picks_the_view_and_k_with_the_best_calibration_miou_and_its_best_tau():
-    map_fit = _load("map_fit")
+def test_fit_picks_the_view_and_k_with_the_best_calibration_miou_and_its_best_tau(load_benchmark):
+    map_fit = load_benchmark("map_fit")
     fit = map_fit.Fit(None, 8, ["all", "late"], (4, 4), "bicubic")
     column = map_fit.TAU_GRID.index(0.4)
     def rows(at_fit, best_tau=None):

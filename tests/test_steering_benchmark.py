@@ -1,25 +1,11 @@
 """benchmarks/steering.py runs end to end on tiny pipelines (SD; SD3 beside it) and writes its JSON atomically."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "steering.py"
 
-
-def _load():
-    if str(BENCHMARK.parent) not in sys.path:  # as `python benchmarks/steering.py` has it, for `import harness`
-        sys.path.insert(0, str(BENCHMARK.parent))
-    spec = importlib.util.spec_from_file_location("steering_benchmark", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
-
-
-def test_the_steering_benchmark_runs_every_task_on_a_tiny_pipeline(tmp_path, capsys):
-    benchmark = _load()
+def test_the_steering_benchmark_runs_every_task_on_a_tiny_pipeline(tmp_path, capsys, load_benchmark):
+    benchmark = load_benchmark("steering")
     out = tmp_path / "steering.json"
     benchmark.main(["--tiny", "--n-prompts", "1", "--repeats", "1", "--steps", "2", "--out", str(out),
                     "--images", str(tmp_path / "sheets")])
@@ -40,8 +26,9 @@ def test_the_steering_benchmark_runs_every_task_on_a_tiny_pipeline(tmp_path, cap
     assert "neglect" in capsys.readouterr().out
 
 
-def test_the_steering_benchmark_runs_polysemy_and_neglect_on_a_unet_and_a_joint_model_side_by_side(tmp_path, capsys):
-    benchmark = _load()
+def test_the_steering_benchmark_runs_polysemy_and_neglect_on_a_unet_and_a_joint_model_side_by_side(tmp_path, capsys,
+        load_benchmark):
+    benchmark = load_benchmark("steering")
     out = tmp_path / "steering.json"
     benchmark.main(["--tiny", "--models", "shapes,shapes-mmdit", "--tasks", "polysemy", "neglect", "editing",
                     "--n-prompts", "1", "--steps", "2", "--out", str(out)])
@@ -61,8 +48,8 @@ def test_the_steering_benchmark_runs_polysemy_and_neglect_on_a_unet_and_a_joint_
     assert f"n/a ({benchmark.UNET_ONLY['editing']})" in printed
 
 
-def test_the_table_has_a_column_per_model_and_says_why_a_family_lacks_a_variant():
-    benchmark = _load()
+def test_the_table_has_a_column_per_model_and_says_why_a_family_lacks_a_variant(load_benchmark):
+    benchmark = load_benchmark("steering")
     run = {"model": "m", "hrv": "h", "steps": 2, "guidance": 5.0, "device": "cpu", "threads": 1}
     unet = {**run, "tasks": {"neglect": {"n": 3, "neglect/plain": {"both_present": 0.5, "n": 3},
                                          "neglect/diffusers-ae": {"both_present": 0.25, "n": 3}},
@@ -80,14 +67,14 @@ def test_the_table_has_a_column_per_model_and_says_why_a_family_lacks_a_variant(
 @pytest.mark.parametrize("argv", [["--models", "shapes,sd15"], ["--models", "shapes,shapes"],
                                   ["--model", "some/folder", "--models", "shapes,shapes-mmdit"],
                                   ["--hrv", "x.hrv", "--models", "shapes,shapes-mmdit"]])
-def test_models_that_cannot_run_side_by_side_are_refused_before_loading_anything(tmp_path, argv):
+def test_models_that_cannot_run_side_by_side_are_refused_before_loading_anything(tmp_path, argv, load_benchmark):
     with pytest.raises(SystemExit) as refused:
-        _load().main([*argv, "--out", str(tmp_path / "steering.json")])
+        load_benchmark("steering").main([*argv, "--out", str(tmp_path / "steering.json")])
     assert refused.value.code == 2 and not (tmp_path / "steering.json").exists()
 
 
-def test_paired_counts_the_discordant_prompts_and_tests_them_exactly():
-    paired = _load()._paired
+def test_paired_counts_the_discordant_prompts_and_tests_them_exactly(load_benchmark):
+    paired = load_benchmark("steering")._paired
     assert paired([True, True, True, False], [False, False, False, False]) == {
         "baseline_only": 3, "variant_only": 0, "p": 0.25}
     assert paired([True, False, True], [True, True, False]) == {"baseline_only": 1, "variant_only": 1, "p": 1.0}

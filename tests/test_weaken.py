@@ -123,7 +123,9 @@ def tiny_sd_hrv(tiny_sd):
     return HRVBuilder(CONCEPTS, steps=1, seed=0).fit(tiny_sd, ["a red circle", "a big blue square"]).hrv_
 
 
-def test_a_sweep_on_shapes_scenes_scores_every_order_k_seed_and_concept(tiny_sd, tiny_sd_hrv, monkeypatch):
+@pytest.fixture
+def generated_head_sets(monkeypatch):
+    """The head set of every generation OrderedWeakening makes in the test, in order."""
     calls = []
     original = OrderedWeakening._generate
 
@@ -132,6 +134,11 @@ def test_a_sweep_on_shapes_scenes_scores_every_order_k_seed_and_concept(tiny_sd,
         return original(self, pipe, heads, *args)
 
     monkeypatch.setattr(OrderedWeakening, "_generate", counting)
+    return calls
+
+
+def test_a_sweep_on_shapes_scenes_scores_every_order_k_seed_and_concept(tiny_sd, tiny_sd_hrv, generated_head_sets):
+    calls = generated_head_sets
     sweep = OrderedWeakening("color", tiny_sd_hrv, ks=[0, 4, 22], seeds=(0, 1), steps=1).fit(tiny_sd, scenes())
     assert len(calls) == 5 * 2  # head sets: none, 3 orders x 4 heads, all; x 2 seeds (one batch each)
     assert len(sweep.results_) == 3 * 3 * 2 * 2 * 3  # orders x ks x seeds x prompts x scored concepts
@@ -144,15 +151,9 @@ def test_a_sweep_on_shapes_scenes_scores_every_order_k_seed_and_concept(tiny_sd,
     assert sweep.settings_["metric"] == "annotator accuracy" and sweep.settings_["generations"] == 20
 
 
-def test_sweeps_sharing_a_cache_generate_each_head_set_once_and_score_as_alone(tiny_sd, tiny_sd_hrv, monkeypatch):
-    calls = []
-    original = OrderedWeakening._generate
-
-    def counting(self, pipe, heads, *args):
-        calls.append(heads)
-        return original(self, pipe, heads, *args)
-
-    monkeypatch.setattr(OrderedWeakening, "_generate", counting)
+def test_sweeps_sharing_a_cache_generate_each_head_set_once_and_score_as_alone(tiny_sd, tiny_sd_hrv,
+                                                                               generated_head_sets):
+    calls = generated_head_sets
     options = {"ks": [0, 4], "seeds": (0,), "steps": 1}
     cache = {}
     color = OrderedWeakening("color", tiny_sd_hrv, cache=cache, **options).fit(tiny_sd, scenes())

@@ -1,35 +1,22 @@
 """benchmarks/weakening.py: HRV variants side by side on both tiny shapes models, generations shared per model,
 specificity per concept, today's keys kept, bad variants refused before anything is loaded."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from headscope.hrv import HRV
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "weakening.py"
 OLD_KEYS = {"model", "hrv", "device", "torch", "threads", "machine", "n_heads", "k", "factor", "n_prompts", "seeds",
             "steps", "rows", "run"}
 OLD_ROW_KEYS = {"concept", "accuracy", "drop_morhf", "drop_lerhf", "drop_random", "others_drop_morhf",
                 "others_drop_lerhf", "others_drop_random"}
 
 
-def _load():
-    if str(BENCHMARK.parent) not in sys.path:  # as `python benchmarks/weakening.py` has it, for `import harness`
-        sys.path.insert(0, str(BENCHMARK.parent))
-    spec = importlib.util.spec_from_file_location("weakening_benchmark", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
-
-
-def test_variants_of_both_models_share_each_models_unweakened_images(tmp_path, monkeypatch, capsys):
+def test_variants_of_both_models_share_each_models_unweakened_images(tmp_path, monkeypatch, capsys, load_benchmark):
     from headscope.weaken import OrderedWeakening
 
-    benchmark = _load()
+    benchmark = load_benchmark("weakening")
     unweakened = []
     original = OrderedWeakening._generate
 
@@ -60,29 +47,29 @@ def test_variants_of_both_models_share_each_models_unweakened_images(tmp_path, m
     assert "shapes-mmdit  soft:early" in printed and "MoRHF - LeRHF" in printed
 
 
-def test_a_plain_run_keeps_todays_keys(tmp_path):
+def test_a_plain_run_keeps_todays_keys(tmp_path, load_benchmark):
     out = tmp_path / "weakening.json"
-    _load().main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--out", str(out)])
+    load_benchmark("weakening").main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     assert OLD_KEYS <= set(result) and len(result["comparison"]) == 1
     assert result["model"] == result["comparison"][0]["description"] and result["comparison"][0]["variant"] == "argmax"
     assert all(OLD_ROW_KEYS < set(row) for row in result["rows"])
 
 
-def test_specificity_is_the_concepts_morhf_drop_against_the_others_and_against_lerhf():
+def test_specificity_is_the_concepts_morhf_drop_against_the_others_and_against_lerhf(load_benchmark):
     summary = [{"order": order, "k": k, "concept": concept, "role": "weakened" if concept == "color" else "control",
                 "mean": mean} for order, k, concept, mean in [
                    ("morhf", 0, "color", 1.0), ("morhf", 2, "color", 0.4), ("lerhf", 2, "color", 0.9),
                    ("random", 2, "color", 0.8), ("morhf", 0, "shape", 1.0), ("morhf", 2, "shape", 0.9),
                    ("lerhf", 2, "shape", 1.0), ("random", 2, "shape", 1.0), ("morhf", 0, "size", 0.5),
                    ("morhf", 2, "size", 0.2), ("lerhf", 2, "size", 0.5), ("random", 2, "size", 0.5)]]
-    row = _load().concept_row("color", summary, 2)
+    row = load_benchmark("weakening").concept_row("color", summary, 2)
     assert row["drop_morhf"] == pytest.approx(0.6) and row["others_drop_morhf"] == pytest.approx(0.2)
     assert row["morhf_minus_others"] == pytest.approx(0.4) and row["morhf_minus_lerhf"] == pytest.approx(0.5)
 
 
-def test_step_windows_are_thirds_rounded_up():
-    third = _load().third
+def test_step_windows_are_thirds_rounded_up(load_benchmark):
+    third = load_benchmark("weakening").third
 
     def hrv(steps):
         return HRV(["color"], torch.ones(1, 4), torch.ones(steps, 1, 4), {})
@@ -100,8 +87,9 @@ def test_step_windows_are_thirds_rounded_up():
     (["--share", "0"], "--share 0.0: give the share of the heads to weaken, above 0 and at most 1"),
     (["--share", "1.5"], "--share 1.5: give the share"),
 ])
-def test_bad_variants_are_one_line_errors_before_any_model_loads(tmp_path, capsys, monkeypatch, options, message):
-    benchmark = _load()
+def test_bad_variants_are_one_line_errors_before_any_model_loads(tmp_path, capsys, monkeypatch, options, message,
+        load_benchmark):
+    benchmark = load_benchmark("weakening")
     monkeypatch.setattr(benchmark, "load_model", lambda *args: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--tiny", *options, "--out", str(tmp_path / "x.json")])
@@ -109,18 +97,19 @@ def test_bad_variants_are_one_line_errors_before_any_model_loads(tmp_path, capsy
     assert not (tmp_path / "x.json").exists()
 
 
-def test_an_hrv_file_that_fits_no_model_is_refused(tmp_path, capsys):
+def test_an_hrv_file_that_fits_no_model_is_refused(tmp_path, capsys, load_benchmark):
     from headscope.hrv import default_hrv_path
 
     with pytest.raises(SystemExit) as exit_info:
-        _load().main(["--tiny", "--hrv-extra", f"words={default_hrv_path('shapes')}", "--variants", "words",
-                      "--out", str(tmp_path / "x.json")])
+        load_benchmark("weakening").main(["--tiny", "--hrv-extra", f"words={default_hrv_path('shapes')}",
+                                          "--variants", "words", "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and "fits none of the models (shapes): HRV built for" in capsys.readouterr().err
 
 
-def test_share_sets_how_many_heads_each_order_weakens(tmp_path):
+def test_share_sets_how_many_heads_each_order_weakens(tmp_path, load_benchmark):
     out = tmp_path / "weakening.json"
-    _load().main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--share", "1.0", "--out", str(out)])
+    load_benchmark("weakening").main(["--tiny", "--n-prompts", "1", "--seeds", "0", "--steps", "1", "--share", "1.0",
+                                      "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["share"] == 1.0 and result["k"] == result["n_heads"] == 20
     row = result["rows"][0]  # every head weakened: the three orders pick the same heads
