@@ -30,16 +30,23 @@ tokens' encodings, and no concept query attends to a padded key, so a row's real
 blocks exactly as a stream holding only its chosen entries would carry them. The choice holds for the
 whole forward: a token's keys exist in a block only if it was carried from the first one.
 
+Batching: a call's forwards are independent of one another in the stream (each starts from the
+encoded entries, and reads only its own forward's image), so the stream keeps each block's image side
+(views, no copy) and carries a block for every kept forward at once, one batch of [forwards x rows]
+(`ConceptStream.flush`): after the call's last step, when the kept tensors' storage passes
+`STREAM_BUDGET_BYTES` (real-size models: every few blocks), at the next call's start and when the trace
+closes (a call stopped early). Readers get the records in the order the blocks ran, step by step.
+
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over T + L_img keys), i.e. about T / (rows x (L_img +
-L_txt)) of the block's projections and MLP. T is every entry's tokens, or with a selection T_sel:
-for HRV votes the concepts x the longest chosen word's tokens (per forward, over the batch's rows),
-not every word of the set (shapes: 23 tokens; hrv34: 340). Nothing is kept between blocks but the states.
+L_txt)) of the block's projections and MLP, in one batch for all kept forwards. T is every entry's
+tokens, or with a selection T_sel: for HRV votes the concepts x the longest chosen word's tokens (per
+forward, over the batch's rows), not every word of the set (shapes: 23 tokens; hrv34: 340).
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -52,6 +59,9 @@ from headscope.joint import JointTensors
 from headscope.processor import Hook, HookContext, RunState, row_index
 
 _CHUNK = 64  # entries per encode_prompt call
+STREAM_BUDGET_BYTES = 256 * 2**20
+"""Storage of the image tensors (queries, keys, values, outputs of every batch row) that blocks not carried
+yet may hold; past it the stream carries them at once. Read at call time; 0 carries each block as it ran."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,43 @@ class ConceptBlock:
     concept_key: torch.Tensor
     concept_output: torch.Tensor
     selection: TokenSelection | None = None
+
+
+@dataclass(eq=False)
+class _Kept:
+    """One block of one forward, not carried yet: the image side (views) and the block's conditioning."""
+
+    layer: int
+    ctx: HookContext
+    image: JointTensors
+    temb: torch.Tensor  # [rows, dim]
+    modulation: torch.Tensor | None  # [rows, k * dim], the block's text norm's own linear(silu(temb))
+
+
+@dataclass(eq=False)
+class _Forward:
+    """One denoiser forward of the stream: its conditional rows, its tokens, where its states stand."""
+
+    rows: tuple[int, ...]
+    selection: TokenSelection | None = None
+    key_mask: torch.Tensor | None = None  # [rows, width] bool; None when nothing is padded
+    width: int = 0  # tokens carried per row
+    states: torch.Tensor | None = None  # [rows, width, dim] entering `next_layer`; None before the first block
+    next_layer: int | None = None  # the next block to carry (None: no block has run yet)
+    kept: list = field(default_factory=list)  # _Kept, in block order
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _storage_bytes(tensors: JointTensors) -> int:
+    """Bytes of the distinct storages behind a block's image views (the joint tensors they keep alive)."""
+    storages = {}
+    for tensor in (tensors.query, tensors.key, tensors.value, tensors.output):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class ConceptStream(Hook):
@@ -123,18 +170,20 @@ class ConceptStream(Hook):
         self._initial: torch.Tensor | None = None  # [tokens, dim] after the context embedder
         self._initial_for: object = object()
         self._handles: list = []
-        self._rows: tuple[int, ...] = ()
-        self._states: torch.Tensor | None = None
         self._selector = None  # the reader with select_tokens, found at attach
-        self._selection: TokenSelection | None = None  # this forward's, when a reader selects
-        self._key_mask: torch.Tensor | None = None  # [rows, T_sel] bool; None when nothing is padded
+        self._steps: dict[int, object] = {}  # per block: its family's step function (`headscope.backbones.streams`)
+        self._blocks: dict[int, torch.nn.Module] = {}
+        self._state = RunState()  # the trace's, from begin_forward
+        self._current: _Forward | None = None  # the forward running now, when it has conditional rows
+        self._forwards: list[_Forward] = []  # forwards with kept blocks not carried yet (and the current one)
+        self._held = 0  # bytes of the image tensors the kept blocks hold
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
         self._modulation: dict[int, torch.Tensor] = {}  # per block: its text norm's linear(silu(temb)), all rows
 
     # -- what the trace calls ------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Hook every joint block's forward (after it ran), in the trace's `__enter__`."""
+        """Hook every joint block's forward (after it ran) and the denoiser's, in the trace's `__enter__`."""
         selectors = [reader for reader in self.readers if hasattr(reader, "select_tokens")]
         if len(selectors) > 1:
             raise HeadscopeError(f"a concept stream carries one selection of its tokens per forward, and "
@@ -145,38 +194,50 @@ class ConceptStream(Hook):
         model = self.backbone.model
         for layer in self.index.layers:
             block = model.get_submodule(layer.name.rsplit(".", 1)[0])
-            step = step_for(self.backbone.family, layer.kind)
+            self._steps[layer.index] = step_for(self.backbone.family, layer.kind)
+            self._blocks[layer.index] = block
             norm = getattr(block, MODULATED[(self.backbone.family, layer.kind)], None)
             if isinstance(getattr(norm, "linear", None), torch.nn.Module):
                 self._handles.append(norm.linear.register_forward_hook(partial(self._keep_modulation, layer.index)))
-            self._handles.append(block.register_forward_hook(partial(self._after_block, layer.index, step),
+            self._handles.append(block.register_forward_hook(partial(self._after_block, layer.index),
                                                              with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_forward))
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Carry what is still kept (a call stopped early), then remove the hooks, in the trace's `__exit__`."""
+        try:
+            self.flush()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self._forwards, self._current, self._held = [], [], None, 0
 
     def prepare(self, arguments: dict) -> None:
         """Encode the entries as a pipeline call with these `encode_prompt` arguments would (once per length)."""
         length = arguments.get("max_sequence_length")
         if self._initial is None or self._initial_for != length:
+            self.flush()  # kept forwards start from the encodings of their own call
             self._initial = self._encode(length)
             self._initial_for = length
 
     def begin_forward(self, state: RunState | None) -> None:
-        """A denoiser forward starts: the stream restarts from the encoded entries (None: a pass not recorded)."""
-        self._states, self._captured, self._modulation = None, {}, {}
-        self._selection, self._key_mask = None, None
-        self._rows = state.layout.rows(self.rows) if state is not None and state.layout is not None else ()
+        """A denoiser forward starts (None: a pass not recorded); it carries the stream from the encoded entries."""
+        self._captured, self._modulation = {}, {}
+        rows = state.layout.rows(self.rows) if state is not None and state.layout is not None else ()
+        self._current = _Forward(rows=tuple(rows)) if rows else None
+        if state is not None:
+            self._state = state
+        if self._current is not None:
+            self._forwards.append(self._current)
 
     def start_call(self, state: RunState) -> None:
+        self.flush()  # whatever an earlier call left, before the readers start this one
         for reader in self.readers:
             if hasattr(reader, "start_call"):
                 reader.start_call(state)
 
     def wants_joint(self, ctx: HookContext) -> bool:
-        return bool(self._rows)
+        return self._current is not None
 
     def read_joint(self, ctx: HookContext, tensors: JointTensors) -> None:
         self._captured[ctx.layer.index] = (ctx, tensors)
@@ -185,48 +246,142 @@ class ConceptStream(Hook):
 
     def _keep_modulation(self, layer: int, module, args, output) -> None:
         """Forward hook of a block's text-norm linear: its output, which the concept tokens reuse."""
-        if self._rows:
+        if self._current is not None:
             self._modulation[layer] = output
 
-    @torch.no_grad()
-    def _after_block(self, layer: int, step, block, args, kwargs, output) -> None:
-        """Forward hook of a joint block: carry the concept tokens through it, hand the readers its record."""
+    def _after_block(self, layer: int, block, args, kwargs, output) -> None:
+        """Forward hook of a joint block: keep what the concept tokens need from it (views, no copy), carried
+        later with the other kept blocks (`flush`)."""
         entry = self._captured.pop(layer, None)
-        if entry is None:
+        forward = self._current
+        if entry is None or forward is None:
             return None
         ctx, tensors = entry
-        ctx = replace(ctx, rows=self._rows)
-        rows = row_index(self._rows)
-        states = self._states if self._states is not None else self._start(ctx)
+        ctx = replace(ctx, rows=forward.rows)
+        rows = row_index(forward.rows)
+        if forward.next_layer is None:  # the forward's first block: a selecting reader chooses its tokens now
+            forward.next_layer = layer
+            self._select(ctx, forward)
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
+        modulation = self._modulation.pop(layer, None)
         image = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
                              output=tensors.output[rows])
-        # After the last block nothing needs the states; its outputs only a reader that asks for them.
-        carry = layer != self.index.layers[-1].index or any(getattr(reader, "needs_outputs", True)
-                                                            for reader in self.readers)
-        modulation = self._modulation.pop(layer, None)
-        modulation = None if modulation is None else modulation[rows]
-        result = step(block, states, temb[rows], image, carry, self._key_mask, modulation)
-        self._states = result.states
-        record = ConceptBlock(image_query=image.query, image_output=image.output, concept_key=result.concept_key,
-                              concept_output=result.concept_output, selection=self._selection)
-        for reader in self.readers:
-            reader.read_concepts(ctx, record)
+        forward.kept.append(_Kept(layer, ctx, image, temb[rows], None if modulation is None else modulation[rows]))
+        self._held += _storage_bytes(tensors)
+        if self._held > STREAM_BUDGET_BYTES:
+            self.flush()
         return None
 
-    def _start(self, ctx: HookContext) -> torch.Tensor:
-        """The carried tokens' encodings for the forward's rows: [rows, tokens, dim], every entry's, or
-        [rows, T_sel, dim] of the tokens the selecting reader chose (asked here, at the first block)."""
+    def _after_forward(self, module, args, output) -> None:
+        """Forward hook of the denoiser: after a call's last step, carry what is kept (every forward at once)."""
+        state = self._state
+        if self._current is not None and (state.n_steps is None or state.step >= state.n_steps - 1):
+            self.flush()
+
+    def _select(self, ctx: HookContext, forward: "_Forward") -> None:
+        """Ask the selecting reader, if any, which tokens this forward carries (at its first block)."""
+        if self._selector is None:
+            forward.width = self.n_tokens
+            return
+        index, valid = self._selector.select_tokens(ctx)
+        device = self._initial.device if self._initial is not None else index.device
+        index, valid = index.to(device), valid.to(device)
+        forward.selection = TokenSelection(index=index, valid=valid)
+        forward.key_mask = None if bool(valid.all()) else valid
+        forward.width = index.shape[1]
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Carry every kept block through the concept tokens and hand each reader its records, forward by
+        forward and block by block, in the order they ran.
+
+        Forwards of one call are independent of each other (each starts from the encoded entries), so a
+        block is carried for all of them at once: one batch of [forwards x rows] through the block's text
+        weights, each row attending to its own forward's image, instead of one per forward. Called after a
+        call's last step, when the kept image tensors pass `STREAM_BUDGET_BYTES`, at a call's start and
+        when the trace closes; costs nothing when nothing is kept.
+        """
+        forwards = [forward for forward in self._forwards if forward.kept]
+        self._held = 0
+        if not forwards:
+            return
+        records = {id(forward): [] for forward in forwards}
+        last = self.index.layers[-1].index
+        outputs_wanted = any(getattr(reader, "needs_outputs", True) for reader in self.readers)
+        carried: dict[tuple, tuple] = {}  # forwards carried together -> (states, key mask) out of their last block
+        for layer in self.index.layers:
+            ready = [forward for forward in forwards if forward.kept and forward.kept[0].layer == layer.index]
+            groups: dict[tuple, list] = {}  # forwards side by side need image keys of one shape
+            for forward in ready:
+                groups.setdefault(tuple(forward.kept[0].image.key.shape[1:]), []).append(forward)
+            for group in groups.values():
+                self._carry(layer, group, records, carried, layer.index != last or outputs_wanted)
+        # Only the running forward can have blocks to come.
+        self._forwards = [forward for forward in self._forwards if forward is self._current and
+                          (forward.next_layer is None or forward.next_layer <= last)]
+        for forward in forwards:
+            for ctx, record in records[id(forward)]:
+                for reader in self.readers:
+                    reader.read_concepts(ctx, record)
+
+    def _carry(self, layer, group: list["_Forward"], records: dict, carried: dict, outputs: bool) -> None:
+        """One block for these forwards side by side: their next kept block, in one batch of their rows."""
+        kept = [forward.kept.pop(0) for forward in group]
+        ids = tuple(id(forward) for forward in group)
+        states, key_mask = carried[ids] if ids in carried else self._batched_states(group)
+        temb = _joined([entry.temb for entry in kept])
+        modulation = None if any(entry.modulation is None for entry in kept) else \
+            _joined([entry.modulation for entry in kept])
+        result = self._steps[layer.index](self._blocks[layer.index], states, temb,
+                                          [entry.image.key for entry in kept], [entry.image.value for entry in kept],
+                                          outputs, key_mask, modulation)
+        start = 0
+        for forward, entry in zip(group, kept):
+            stop = start + len(forward.rows)
+            output = result.concept_output
+            records[id(forward)].append((entry.ctx, ConceptBlock(
+                image_query=entry.image.query, image_output=entry.image.output,
+                concept_key=result.concept_key[start:stop, :, :forward.width],
+                concept_output=None if output is None else output[start:stop, :, :forward.width],
+                selection=forward.selection)))
+            forward.states = None if result.states is None else result.states[start:stop, :forward.width]
+            forward.next_layer = layer.index + 1
+            start = stop
+        carried[ids] = (result.states, key_mask)
+
+    def _batched_states(self, group: list["_Forward"]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The states of these forwards side by side, [sum of rows, widest, dim], and the key mask: False
+        on padding, for rows of forwards that carry fewer tokens (None when nothing is padded)."""
+        states = [forward.states if forward.states is not None else self._start(forward) for forward in group]
+        if len(group) == 1:
+            return states[0], group[0].key_mask
+        width = max(forward.width for forward in group)
+        if all(forward.width == width for forward in group):
+            masks = [forward.key_mask for forward in group]
+            if all(mask is None for mask in masks):
+                return torch.cat(states), None
+            return torch.cat(states), torch.cat([mask if mask is not None else
+                                                 torch.ones(len(forward.rows), width, dtype=torch.bool,
+                                                            device=states[0].device)
+                                                 for forward, mask in zip(group, masks)])
+        joined = states[0].new_zeros(sum(len(forward.rows) for forward in group), width, states[0].shape[-1])
+        mask = torch.zeros(joined.shape[:2], dtype=torch.bool, device=joined.device)
+        start = 0
+        for forward, part in zip(group, states):
+            stop = start + len(forward.rows)
+            joined[start:stop, :forward.width] = part
+            mask[start:stop, :forward.width] = True if forward.key_mask is None else forward.key_mask
+            start = stop
+        return joined, mask
+
+    def _start(self, forward: "_Forward") -> torch.Tensor:
+        """A forward's carried tokens' encodings: [rows, tokens, dim], every entry's, or [rows, T_sel, dim] of
+        the tokens the selecting reader chose."""
         if self._initial is None:
             self.prepare({})
-        if self._selector is None:
-            return self._initial.expand(len(ctx.rows), -1, -1)
-        index, valid = self._selector.select_tokens(ctx)
-        padded = not bool(valid.all())
-        index, valid = index.to(self._initial.device), valid.to(self._initial.device)
-        self._selection = TokenSelection(index=index, valid=valid)
-        self._key_mask = valid if padded else None
-        return self._initial[index]
+        if forward.selection is None:
+            return self._initial.expand(len(forward.rows), -1, -1)
+        return self._initial[forward.selection.index.to(self._initial.device)]
 
     @torch.no_grad()
     def _encode(self, max_sequence_length) -> torch.Tensor:

@@ -38,6 +38,22 @@ class StepTables:
         mean = torch.diag_embed(weights.transpose(-1, -2)).transpose(-3, -2).flatten(2, 3)
         return cls(flat=flat, bias=bias, mean=mean.float().to(device))
 
+    @classmethod
+    def join(cls, tables: list["StepTables"]) -> "StepTables":
+        """Several steps' tables of one width, one after another along the first dimension (a step without
+        padding gets a zero bias when another has some; `mean` is None for all or none of them: it is None
+        exactly when the width is one token per concept)."""
+        if len(tables) == 1:
+            return tables[0]
+        flat = torch.cat([table.flat for table in tables])
+        bias = None
+        if any(table.bias is not None for table in tables):
+            bias = torch.cat([table.bias if table.bias is not None else
+                              table.flat.new_zeros(table.flat.shape, dtype=torch.float32)[:, :, None, :, None]
+                              for table in tables])
+        mean = None if tables[0].mean is None else torch.cat([table.mean for table in tables])
+        return cls(flat=flat, bias=bias, mean=mean)
+
 
 def word_table(spans: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token positions of every word, padded: (positions, valid), each [concepts, most words, longest word].

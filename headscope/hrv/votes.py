@@ -2,13 +2,14 @@
 
 Cost: the reader runs beside every text-conditioned layer call, and a small torch op interleaved with a
 model's own work costs several times what it costs back to back (cold caches: 30 against 4 ms per 100
-calls of the embedded model's reader), so a layer call only keeps its queries (a reference, no op). At
-the step's end, or once the kept queries' storage passes `VOTE_BUDGET_BYTES`, the layers of one query
-shape are scored together, in one batch: the sampled words' keys, one product with the queries,
-softmax, mean over pixels, per-word mean, argmax. What depends on the step alone (the sampled words,
-their key positions, the padding mask and the per-word averaging matrix, `headscope.hrv.sampling`) is
-made once per step for every layer, keys are scaled once, and the winners stay on the model's device
-until the step is counted (one transfer per step).
+calls of the embedded model's reader), so a layer call only keeps its queries (a reference, no op).
+When the votes are read (`step_votes`, `begin`), when the next call starts, or once the kept queries'
+storage passes `VOTE_BUDGET_BYTES`, every kept layer call of every step so far with one query shape is
+scored together, in one batch: the sampled words' keys, one product with the queries, softmax, mean
+over pixels, per-word mean, argmax. What depends on the step alone (the sampled words, their key
+positions, the padding mask and the per-word averaging matrix, `headscope.hrv.sampling`) is made once
+per step for every layer, keys are scaled once, and the winners stay on the model's device until they
+are counted (one transfer per call).
 
 Sampling: on a UNet one word per concept is drawn at every layer call (per (layer, row, concept)), as
 the HRV paper does. On joint-attention models (SD3, Flux) one word per concept is drawn per (step,
@@ -208,16 +209,17 @@ class ConceptVotes(Hook):
                                                   for layer, (projected, scale) in keys.items()}
         self._votes = torch.zeros(n_steps, self.n_concepts, n_heads, dtype=torch.float64 if soft else torch.int64)
         self._generators: list[torch.Generator] = []
-        self._drawn_for: tuple[int, int] | None = None
         self._positions, self._valid = word_table(tokens.spans)
         self._concepts = torch.arange(self.n_concepts)
-        self._sampled: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (positions, valid)
-        self._tables: StepTables | None = None
-        self._pending: tuple[int, torch.Tensor] | None = None  # (step, winners or summed scores) not yet counted
-        self._kept: list = []  # (layer, queries, concept keys or None) of this step, not yet scored
+        self._drawn: dict[tuple[int, int], tuple] = {}  # joint: (call, step) -> the selection drawn, not yet scored
+        self._call: int | None = None  # the call whose steps are pending
+        self._tables: dict[int, StepTables] = {}  # per pending step
+        # Pending steps' winners [steps, rows, heads] (-1: not voted), soft: summed scores [steps, heads, concepts].
+        self._buffer: torch.Tensor | None = None
+        self._kept: list = []  # (layer, step, queries, concept keys or None), not yet scored
         self._kept_bytes = 0
         self._head_ids: dict[tuple[int, ...], torch.Tensor] = {}
-        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, dict]] = {}
 
     @property
     def step_votes(self) -> torch.Tensor:
@@ -229,7 +231,7 @@ class ConceptVotes(Hook):
         self._flush()
         self._generators = [torch.Generator().manual_seed(prompt_seed(self.seed, index, "words"))
                             for index in prompt_indices]
-        self._drawn_for = None
+        self._drawn = {}
 
     def grow(self, n_steps: int) -> None:
         """Make room for `n_steps` UNet forwards per call (some schedulers run more than one per step)."""
@@ -248,9 +250,12 @@ class ConceptVotes(Hook):
     def select_tokens(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint models: the stream's tokens to carry through this forward, one sampled word per concept and
         row: (index [rows, concepts x longest chosen word] long into the stream's tokens, valid, the same
-        shape, False on padding). Asked by the concept stream at the forward's first block."""
-        self._begin_step(ctx)
-        positions, valid = self._sampled  # [1, rows, concepts, longest]
+        shape, False on padding). Asked by the concept stream at the forward's first block, which may hand
+        out the forward's blocks later (`headscope.stream.ConceptStream.flush`): the draw is kept for them."""
+        key = (ctx.call, ctx.step)
+        if key not in self._drawn:
+            self._drawn[key] = self._draw(ctx)
+        positions, valid = self._drawn[key]  # [1, rows, concepts, longest]
         return positions[0].flatten(1), valid[0].flatten(1)
 
     def read_concepts(self, ctx: HookContext, block) -> None:
@@ -260,8 +265,8 @@ class ConceptVotes(Hook):
         self._keep(ctx, block.image_query, block.concept_key)
 
     def _keep(self, ctx: HookContext, query, keys) -> None:
-        """Keep a layer call's queries (and a joint block's concept keys) until the step is scored."""
-        self._kept.append((ctx.layer, query, keys))
+        """Keep a layer call's queries (and a joint block's concept keys) until they are scored."""
+        self._kept.append((ctx.layer, ctx.step, query, keys))
         self._kept_bytes += query.numel() * query.element_size()
         if self._kept_bytes > VOTE_BUDGET_BYTES:
             self._score_kept()
@@ -269,44 +274,58 @@ class ConceptVotes(Hook):
     @torch.no_grad()
     def _score_kept(self) -> None:
         """Softmax over the sampled tokens, mean over pixels, mean over a word's tokens, and the winner (soft:
-        the scores) of every kept layer call, one batch per query shape, into the step's buffer."""
+        the scores) of every kept layer call, of every kept step, one batch per query shape, into the buffer."""
         groups: dict[tuple, list] = {}
-        for layer, query, keys in self._kept:
+        for entry in self._kept:
+            _, _, query, keys = entry
             shape = (tuple(query.shape), query.dtype, None if keys is None else tuple(keys.shape))
-            groups.setdefault(shape, []).append((layer, query, keys))
+            groups.setdefault(shape, []).append(entry)
         self._kept, self._kept_bytes = [], 0
-        tables, buffer = self._tables, self._pending[1]
         for entries in groups.values():
-            index = [layer.index for layer, _, _ in entries]
-            at = index if self.keys is not None else slice(None)  # joint tables: one draw for every block
-            queries = torch.stack([query for _, query, _ in entries]).float()  # [layers, rows, heads, n_query, d]
-            if entries[0][2] is None:  # fixed keys, scaled already, stacked once per group of layers
-                stacked, layer_ids = self._stacked_keys(index)  # [layers, heads, tokens, d], [layers, 1, 1]
-                chosen = stacked[layer_ids, :, tables.flat[index]].permute(0, 1, 3, 2, 4)
+            layers = [layer for layer, _, _, _ in entries]
+            steps = [step for _, step, _, _ in entries]
+            queries = torch.stack([query for _, _, query, _ in entries]).float()  # [calls, rows, heads, n_query, d]
+            tables, at = self._tables_of(layers, steps)  # at: [calls], each call's row of the joined tables
+            if entries[0][3] is None:  # fixed keys, scaled already, stacked once per set of layers
+                stacked, layer_ids = self._stacked_keys([layer.index for layer in layers])
+                # [calls, rows, heads, sampled, d]
+                chosen = stacked[layer_ids, :, tables.flat[at]].permute(0, 1, 3, 2, 4)
             else:  # a joint block's own keys (the selected tokens, in table order), at the model's scale
-                chosen = torch.stack([keys for _, _, keys in entries]).float() * queries.shape[-1] ** -0.5
+                chosen = torch.stack([keys for _, _, _, keys in entries]).float() * queries.shape[-1] ** -0.5
             # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
             # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
-            logits = torch.matmul(chosen, queries.transpose(-1, -2))  # [layers, rows, heads, sampled, n_query]
+            logits = torch.matmul(chosen, queries.transpose(-1, -2))  # [calls, rows, heads, sampled, n_query]
             if tables.bias is not None:
                 logits = logits + tables.bias[at]
-            probs = logits.softmax(dim=-2).mean(dim=-1)  # [layers, rows, heads, sampled]
+            probs = logits.softmax(dim=-2).mean(dim=-1)  # [calls, rows, heads, sampled]
             if tables.mean is not None:
-                probs = torch.matmul(probs, tables.mean[at])  # [layers, rows, heads, concepts]
-            heads = self._heads_of([layer for layer, _, _ in entries], buffer.device)
-            if self.soft:
-                buffer[heads] += probs.sum(dim=1).flatten(0, 1)  # [layers * heads, concepts]
-            else:
-                buffer[:, heads] = probs.argmax(dim=-1).transpose(0, 1).flatten(1)  # [rows, layers * heads]
+                probs = torch.matmul(probs, tables.mean[at])  # [calls, rows, heads, concepts]
+            heads = self._heads_of(layers, self._buffer.device).view(len(entries), -1)  # [calls, heads]
+            at_steps = torch.tensor(steps, device=heads.device)[:, None].expand_as(heads)
+            if self.soft:  # [steps, heads, concepts] += the calls' scores summed over rows
+                self._buffer.index_put_((at_steps, heads), probs.sum(dim=1), accumulate=True)
+            else:  # [steps, heads, rows] = the winners
+                self._buffer.transpose(1, 2)[at_steps, heads] = probs.argmax(dim=-1).transpose(1, 2)
+
+    def _tables_of(self, layers, steps: list[int]) -> tuple[StepTables, torch.Tensor]:
+        """The tables of these calls' steps joined ([steps x draws, ...]) and each call's row in them: its
+        step's draw for its layer on a UNet, its step's one draw on joint models."""
+        distinct = list(dict.fromkeys(steps))
+        position = {step: number for number, step in enumerate(distinct)}
+        draws = self.n_layers if self.keys is not None else 1
+        at = torch.tensor([position[step] * draws + (layer.index if self.keys is not None else 0)
+                           for layer, step in zip(layers, steps)], device=self._buffer.device)
+        return StepTables.join([self._tables[step] for step in distinct]), at
 
     def _stacked_keys(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled keys of these layers stacked, [layers, heads, tokens, head_dim], and [layers, 1, 1] positions
-        into it (cached per group)."""
-        key = tuple(index)
-        if key not in self._stacks:
-            stacked = torch.stack([self._scaled[layer] for layer in index])
-            self._stacks[key] = (stacked, torch.arange(len(index), device=stacked.device)[:, None, None])
-        return self._stacks[key]
+        """The scaled keys of these layers' calls: the distinct layers' stacked, [layers, heads, tokens, head_dim]
+        (cached), and each call's position in it, [calls, 1, 1]."""
+        distinct = tuple(dict.fromkeys(index))
+        if distinct not in self._stacks:
+            stacked = torch.stack([self._scaled[layer] for layer in distinct])
+            self._stacks[distinct] = (stacked, {layer: number for number, layer in enumerate(distinct)})
+        stacked, position = self._stacks[distinct]
+        return stacked, torch.tensor([position[layer] for layer in index], device=stacked.device)[:, None, None]
 
     def _heads_of(self, layers, device) -> torch.Tensor:
         """Flat head ids of these layers, in order: [sum of their heads] long (cached)."""
@@ -317,46 +336,57 @@ class ConceptVotes(Hook):
         return self._head_ids[key]
 
     def _flush(self) -> None:
-        """Count the pending step's votes into `step_votes` (one transfer per step)."""
-        if self._pending is None:
+        """Score what is kept and count the pending steps' votes into `step_votes` (one transfer)."""
+        if self._buffer is None:
             return
         self._score_kept()
-        step, buffer = self._pending
-        self._pending = None
-        self.grow(step + 1)
+        buffer, self._buffer, self._tables, self._call = self._buffer, None, {}, None
+        self.grow(buffer.shape[0])
+        n_steps = buffer.shape[0]
         if self.soft:
-            self._votes[step] += buffer.T.double().cpu()
+            self._votes[:n_steps] += buffer.transpose(1, 2).double().cpu()
         else:
-            # -1 marks heads whose layer did not run this step; they count for no concept.
-            counts = torch.nn.functional.one_hot(buffer + 1, self.n_concepts + 1).sum(dim=0)  # [heads, concepts + 1]
-            self._votes[step] += counts[:, 1:].T.cpu()
+            # -1 marks heads that did not vote at a step (their layer did not run); they count for no concept.
+            winners = buffer.transpose(1, 2) + 1  # [steps, heads, rows]
+            counts = torch.zeros(*winners.shape[:2], self.n_concepts + 1, dtype=torch.long, device=buffer.device)
+            counts.scatter_add_(2, winners, torch.ones_like(winners))  # [steps, heads, concepts + 1]
+            self._votes[:n_steps] += counts[..., 1:].transpose(1, 2).cpu()
 
-    def _begin_step(self, ctx: HookContext) -> None:
-        """Count the step before and draw this step's words: `_sampled` = (positions, valid), each [draws,
-        rows, concepts, longest] (draws: the layers on a UNet; 1 on joint models, where the positions are
-        the stream's tokens and longest is the longest chosen word, the stream carrying no more)."""
-        self._flush()
-        self._drawn_for, self._tables = (ctx.call, ctx.step), None
+    def _draw(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's words: (positions, valid), each [draws, rows, concepts, longest]."""
         choices = self._choices(ctx)  # [draws, rows, concepts]
         positions, valid = self._positions[self._concepts, choices], self._valid[self._concepts, choices]
         if self.keys is None:
             longest = int(valid.sum(dim=-1).max())
             positions, valid = positions[..., :longest], valid[..., :longest]
-        self._sampled = (positions, valid)
+        return positions, valid
 
     def _step_tables(self, ctx: HookContext, device) -> StepTables:
-        """The step's tables, made at its first layer call (joint models: after `select_tokens` drew the words)."""
-        if self._drawn_for != (ctx.call, ctx.step):
-            self._begin_step(ctx)
-        if self._tables is None:
-            positions, valid = self._sampled
+        """The step's tables, made at its first layer call: its words drawn then on a UNet (per layer call),
+        by `select_tokens` before on joint models. A new call counts the one before first."""
+        if self._call is not None and ctx.call != self._call:
+            self._flush()
+        if ctx.step not in self._tables:
+            drawn = self._drawn.pop((ctx.call, ctx.step), None)
+            positions, valid = drawn if drawn is not None else self._draw(ctx)
             if self.keys is None:  # a block's concept keys are the selection, in this order
                 positions = torch.arange(valid[0, 0].numel()).view(valid.shape[2:]).expand(valid.shape)
-            self._tables = StepTables.build(positions, valid, device)
-            buffer = (torch.zeros(self.n_heads, self.n_concepts, device=device) if self.soft
-                      else torch.full((len(ctx.rows), self.n_heads), -1, dtype=torch.long, device=device))
-            self._pending = (ctx.step, buffer)
-        return self._tables
+            self._tables[ctx.step] = StepTables.build(positions, valid, device)
+            self._call = ctx.call
+            self._make_room(ctx, device)
+        return self._tables[ctx.step]
+
+    def _make_room(self, ctx: HookContext, device) -> None:
+        """A buffer for every step of the call (grown when a scheduler runs more forwards than it said)."""
+        if self._buffer is not None and self._buffer.shape[0] > ctx.step:
+            return
+        steps = max(ctx.step + 1, self._votes.shape[0], ctx.n_steps or 0)
+        shape = (steps, self.n_heads, self.n_concepts) if self.soft else (steps, len(ctx.rows), self.n_heads)
+        fresh = (torch.zeros(shape, device=device) if self.soft
+                 else torch.full(shape, -1, dtype=torch.long, device=device))
+        if self._buffer is not None:
+            fresh[:self._buffer.shape[0]] = self._buffer
+        self._buffer = fresh
 
     def _choices(self, ctx: HookContext) -> torch.Tensor:
         """The word sampled for each concept, per row: [draws, rows, concepts], draws = every layer call of the

@@ -138,6 +138,7 @@ def concept_maps(trace, concepts=None, *, layers=None, steps=None, image: int = 
         raise HeadscopeError("concept maps need the concepts during generation: open the trace with "
                              "headscope.trace(pipe, concepts=['circle', 'square', 'background']) and call the "
                              "pipeline inside it")
+    stream.flush()  # a no-op after a call's last step, which hands out every kept block
     layout = trace._require_run()
     if not 0 <= image < layout.n_images:
         raise HeadscopeError(f"image {image} out of range; the run made {layout.n_images} image(s)")
