@@ -31,11 +31,13 @@ blocks exactly as a stream holding only its chosen entries would carry them. The
 whole forward: a token's keys exist in a block only if it was carried from the first one.
 
 Batching: a call's forwards are independent of one another in the stream (each starts from the
-encoded entries, and reads only its own forward's image), so the stream keeps each block's image side
-(views, no copy) and carries a block for every kept forward at once, one batch of [forwards x rows]
-(`ConceptStream.flush`): after the call's last step, when the kept tensors' storage passes
-`STREAM_BUDGET_BYTES` (real-size models: every few blocks), at the next call's start and when the trace
-closes (a call stopped early). Readers get the records in the order the blocks ran, step by step.
+encoded entries, and reads only its own forward's image), so when `STREAM_BUDGET_BYTES` holds two or
+more of them, the stream copies each block's image side (cond rows: keys and values, and the queries and
+outputs its readers read) into an arena while it is hot, and carries a block for every forward of the
+arena at once, one batch of [forwards x rows] (`ConceptStream.flush`), after the call's last step or
+when the arena is full. The arena is made once and reused call after call, so a call allocates and
+keeps no image tensors of its own. Real-size models, of which fewer than two forwards fit, are carried
+block by block as they run. Readers get the records in the order the blocks ran, step by step.
 
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over T + L_img keys), i.e. about T / (rows x (L_img +
@@ -52,16 +54,16 @@ from functools import partial
 import torch
 
 from headscope.backbones import backbone_for
-from headscope.backbones.streams import MODULATED, step_for
+from headscope.backbones.streams import MODULATED, ImageSide, step_for
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.joint import JointTensors
 from headscope.processor import Hook, HookContext, RunState, row_index
 
 _CHUNK = 64  # entries per encode_prompt call
-STREAM_BUDGET_BYTES = 256 * 2**20
-"""Storage of the image tensors (queries, keys, values, outputs of every batch row) that blocks not carried
-yet may hold; past it the stream carries them at once. Read at call time; 0 carries each block as it ran."""
+STREAM_BUDGET_BYTES = 128 * 2**20
+"""Most bytes of the arena that keeps a call's forwards for carrying side by side (read when a call starts).
+When fewer than two forwards fit (real-size models), each block is carried as it runs."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,11 @@ class TokenSelection:
 class ConceptBlock:
     """What one joint block says about the carried concept tokens (conditional rows, heads first).
 
-    image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux).
-    image_output: [rows, heads, L_img, head_dim], their attention output before the output projection.
+    image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux);
+        None when no reader of the stream has `needs_queries`.
+    image_output: [rows, heads, L_img, head_dim], their attention output before the output projection;
+        None when no reader has `needs_outputs`.
+    The tensors are views, valid until the readers' `records_done()`: clone what you keep longer.
     concept_key: [rows, heads, tokens, head_dim], the carried tokens' keys (text-stream projection, k-norm);
         tokens = every token of the stream, or T_sel, in `selection` order, when a reader selects.
     concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
@@ -98,11 +103,12 @@ class ConceptBlock:
 
 @dataclass(eq=False)
 class _Kept:
-    """One block of one forward, not carried yet: the image side (views) and the block's conditioning."""
+    """One block of one forward, not carried yet: its image side (views; None when copied into the arena)
+    and the block's conditioning."""
 
     layer: int
     ctx: HookContext
-    image: JointTensors
+    image: JointTensors | None
     temb: torch.Tensor  # [rows, dim]
     modulation: torch.Tensor | None  # [rows, k * dim], the block's text norm's own linear(silu(temb))
 
@@ -117,20 +123,49 @@ class _Forward:
     width: int = 0  # tokens carried per row
     states: torch.Tensor | None = None  # [rows, width, dim] entering `next_layer`; None before the first block
     next_layer: int | None = None  # the next block to carry (None: no block has run yet)
+    slot: int | None = None  # its place in the arena; None: carried block by block as it runs
     kept: list = field(default_factory=list)  # _Kept, in block order
+
+
+class _Arena:
+    """Room for `slots` forwards' image side of every block, copied in while hot and reused call after call.
+
+    key, value: per block [slots, rows, heads, L_img + room, head_dim] (the concept keys and values go in
+    the room after the image when the block is carried, `headscope.backbones.streams.ImageSide`); query,
+    output: [slots, rows, heads, L_img, head_dim], only when a reader reads them (else None).
+    """
+
+    def __init__(self, spec: tuple):
+        self.spec = spec
+        shapes, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
+        def room_for(extra):
+            return {layer: torch.empty(self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
+                                       device=device) for layer, (heads, head_dim) in shapes.items()}
+        self.key, self.value = room_for(room), room_for(room)
+        self.query = room_for(0) if queries else None
+        self.output = room_for(0) if outputs else None
+
+    @staticmethod
+    def bytes_per_slot(shapes: dict, rows: int, length: int, room: int, element: int, queries: bool,
+                       outputs: bool) -> int:
+        per_token = sum(heads * head_dim for heads, head_dim in shapes.values()) * rows * element
+        return per_token * (2 * (length + room) + length * (int(queries) + int(outputs)))
+
+    def put(self, layer: int, slot: int, image: JointTensors) -> None:
+        self.key[layer][slot, :, :, :self.length] = image.key
+        self.value[layer][slot, :, :, :self.length] = image.value
+        if self.query is not None:
+            self.query[layer][slot] = image.query
+        if self.output is not None:
+            self.output[layer][slot] = image.output
+
+    def side(self, layer: int, n: int) -> ImageSide:
+        """The first n slots' image keys and values of a block, rows one after another, room included."""
+        return ImageSide(self.key[layer][:n].flatten(0, 1), self.value[layer][:n].flatten(0, 1), self.length)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _storage_bytes(tensors: JointTensors) -> int:
-    """Bytes of the distinct storages behind a block's image views (the joint tensors they keep alive)."""
-    storages = {}
-    for tensor in (tensors.query, tensors.key, tensors.value, tensors.output):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 class ConceptStream(Hook):
@@ -139,10 +174,12 @@ class ConceptStream(Hook):
     Give it to `headscope.trace(pipe, concepts=stream)` (or pass a word list there, which builds one with a
     concept-map reader). Attributes: `entries`, `spans` (per entry, (start, stop) among the stream's
     tokens), `n_tokens`, `readers` (objects with `read_concepts(ctx, ConceptBlock)`, optionally
-    `start_call(state)`, `needs_outputs = False` when they read only keys and queries, and
-    `select_tokens(ctx) -> (index, valid)` to choose each forward's tokens: see the module docstring; every
-    reader then gets the selected tokens). HeadscopeError on a UNet (no text stream), an unknown word, an
-    empty entry, and, when the trace starts, a second reader with `select_tokens`.
+    `start_call(state)`, `records_done()` (called after each batch of records), `needs_outputs = False`
+    when they read no outputs, `needs_queries = False` when they read no image queries, and
+    `select_tokens(ctx) -> (index, valid)` to choose each forward's tokens, at most `max_tokens` per row
+    (default `n_tokens`): see the module docstring; every reader then gets the selected tokens).
+    HeadscopeError on a UNet (no text stream), an unknown word, an empty entry, and, when the trace starts,
+    a second reader with `select_tokens`.
     """
 
     rows = "cond"
@@ -176,7 +213,9 @@ class ConceptStream(Hook):
         self._state = RunState()  # the trace's, from begin_forward
         self._current: _Forward | None = None  # the forward running now, when it has conditional rows
         self._forwards: list[_Forward] = []  # forwards with kept blocks not carried yet (and the current one)
-        self._held = 0  # bytes of the image tensors the kept blocks hold
+        self._arena: _Arena | None = None  # kept for the trace, reused by its calls
+        self._planned_call: int | None = None  # the call whose forwards `_slots` was chosen for
+        self._slots = 0  # forwards carried side by side in this call (0: block by block)
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
         self._modulation: dict[int, torch.Tensor] = {}  # per block: its text norm's linear(silu(temb)), all rows
 
@@ -210,7 +249,7 @@ class ConceptStream(Hook):
         finally:
             for handle in self._handles:
                 handle.remove()
-            self._handles, self._forwards, self._current, self._held = [], [], None, 0
+            self._handles, self._forwards, self._current, self._arena, self._planned_call = [], [], None, None, None
 
     def prepare(self, arguments: dict) -> None:
         """Encode the entries as a pipeline call with these `encode_prompt` arguments would (once per length)."""
@@ -250,8 +289,8 @@ class ConceptStream(Hook):
             self._modulation[layer] = output
 
     def _after_block(self, layer: int, block, args, kwargs, output) -> None:
-        """Forward hook of a joint block: keep what the concept tokens need from it (views, no copy), carried
-        later with the other kept blocks (`flush`)."""
+        """Forward hook of a joint block: keep what the concept tokens need from it (copied into the arena
+        while hot, or views when the block is carried at once), for `flush`."""
         entry = self._captured.pop(layer, None)
         forward = self._current
         if entry is None or forward is None:
@@ -259,23 +298,29 @@ class ConceptStream(Hook):
         ctx, tensors = entry
         ctx = replace(ctx, rows=forward.rows)
         rows = row_index(forward.rows)
-        if forward.next_layer is None:  # the forward's first block: a selecting reader chooses its tokens now
-            forward.next_layer = layer
-            self._select(ctx, forward)
-        temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        modulation = self._modulation.pop(layer, None)
         image = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
                              output=tensors.output[rows])
+        if forward.next_layer is None:  # the forward's first block: its tokens, its place
+            forward.next_layer = layer
+            self._select(ctx, forward)
+            self._place(ctx, forward, image)
+        temb = kwargs["temb"] if "temb" in kwargs else args[2]
+        modulation = self._modulation.pop(layer, None)
+        if forward.slot is not None:
+            self._arena.put(layer, forward.slot, image)
+            image = None
         forward.kept.append(_Kept(layer, ctx, image, temb[rows], None if modulation is None else modulation[rows]))
-        self._held += _storage_bytes(tensors)
-        if self._held > STREAM_BUDGET_BYTES:
+        if forward.slot is None:
             self.flush()
         return None
 
     def _after_forward(self, module, args, output) -> None:
-        """Forward hook of the denoiser: after a call's last step, carry what is kept (every forward at once)."""
-        state = self._state
-        if self._current is not None and (state.n_steps is None or state.step >= state.n_steps - 1):
+        """Forward hook of the denoiser: carry the kept forwards after the call's last step, or when the arena
+        is full."""
+        state, forward = self._state, self._current
+        if forward is None or forward.slot is None:
+            return
+        if state.n_steps is None or state.step >= state.n_steps - 1 or forward.slot == self._slots - 1:
             self.flush()
 
     def _select(self, ctx: HookContext, forward: "_Forward") -> None:
@@ -286,23 +331,55 @@ class ConceptStream(Hook):
         index, valid = self._selector.select_tokens(ctx)
         device = self._initial.device if self._initial is not None else index.device
         index, valid = index.to(device), valid.to(device)
+        if index.shape[1] > self._room:
+            raise HeadscopeError(f"{type(self._selector).__name__} selected {index.shape[1]} tokens per row, more "
+                                 f"than its max_tokens ({self._room})")
         forward.selection = TokenSelection(index=index, valid=valid)
         forward.key_mask = None if bool(valid.all()) else valid
         forward.width = index.shape[1]
 
+    @property
+    def _room(self) -> int:
+        """The most tokens a forward carries: every token, or what the selecting reader says it may choose."""
+        return int(getattr(self._selector, "max_tokens", self.n_tokens)) if self._selector else self.n_tokens
+
+    def _place(self, ctx: HookContext, forward: "_Forward", image: JointTensors) -> None:
+        """A forward's slot in the arena, the arena made (or kept) at a call's first forward for as many of
+        the call's forwards as STREAM_BUDGET_BYTES holds; none (block by block) when fewer than two fit."""
+        if ctx.call != self._planned_call:
+            self.flush()
+            self._planned_call = ctx.call
+            queries = any(getattr(reader, "needs_queries", True) for reader in self.readers)
+            outputs = any(getattr(reader, "needs_outputs", True) for reader in self.readers)
+            shapes = {layer.index: (layer.heads, layer.head_dim) for layer in self.index.layers}
+            length, rows = image.key.shape[2], len(forward.rows)
+            per_slot = _Arena.bytes_per_slot(shapes, rows, length, self._room, image.key.element_size(), queries,
+                                             outputs)
+            self._slots = min(ctx.n_steps or 0, STREAM_BUDGET_BYTES // per_slot)
+            if self._slots < 2:
+                self._slots, self._arena = 0, None
+            else:
+                spec = (shapes, self._slots, rows, length, self._room, image.key.dtype, image.key.device, queries,
+                        outputs)
+                if self._arena is None or self._arena.spec != spec:
+                    self._arena = None  # the old room goes before the new is made
+                    self._arena = _Arena(spec)
+        if self._slots:
+            forward.slot = sum(1 for other in self._forwards if other.slot is not None and other is not forward)
+
     @torch.no_grad()
     def flush(self) -> None:
         """Carry every kept block through the concept tokens and hand each reader its records, forward by
-        forward and block by block, in the order they ran.
+        forward and block by block, in the order they ran; then tell readers with `records_done` that the
+        records' tensors (views into the arena) are about to be reused.
 
-        Forwards of one call are independent of each other (each starts from the encoded entries), so a
-        block is carried for all of them at once: one batch of [forwards x rows] through the block's text
-        weights, each row attending to its own forward's image, instead of one per forward. Called after a
-        call's last step, when the kept image tensors pass `STREAM_BUDGET_BYTES`, at a call's start and
-        when the trace closes; costs nothing when nothing is kept.
+        A call's forwards are independent of each other in the stream (each starts from the encoded
+        entries), so a block is carried for all forwards in the arena at once: one batch of [forwards x
+        rows] through the block's text weights, each row attending to its own forward's image. Called after
+        a call's last step or when the arena is full, after each block when no arena is used, at a call's
+        start and when the trace closes; costs nothing when nothing is kept.
         """
         forwards = [forward for forward in self._forwards if forward.kept]
-        self._held = 0
         if not forwards:
             return
         records = {id(forward): [] for forward in forwards}
@@ -311,10 +388,11 @@ class ConceptStream(Hook):
         carried: dict[tuple, tuple] = {}  # forwards carried together -> (states, key mask) out of their last block
         for layer in self.index.layers:
             ready = [forward for forward in forwards if forward.kept and forward.kept[0].layer == layer.index]
-            groups: dict[tuple, list] = {}  # forwards side by side need image keys of one shape
-            for forward in ready:
-                groups.setdefault(tuple(forward.kept[0].image.key.shape[1:]), []).append(forward)
-            for group in groups.values():
+            in_arena = [forward for forward in ready if forward.slot is not None]
+            groups = [[forward] for forward in ready if forward.slot is None]
+            if in_arena:  # slots 0.. in order: the forwards of the arena that reached this block
+                groups.insert(0, in_arena)
+            for group in groups:
                 self._carry(layer, group, records, carried, layer.index != last or outputs_wanted)
         # Only the running forward can have blocks to come.
         self._forwards = [forward for forward in self._forwards if forward is self._current and
@@ -323,6 +401,9 @@ class ConceptStream(Hook):
             for ctx, record in records[id(forward)]:
                 for reader in self.readers:
                     reader.read_concepts(ctx, record)
+        for reader in self.readers:
+            if hasattr(reader, "records_done"):
+                reader.records_done()
 
     def _carry(self, layer, group: list["_Forward"], records: dict, carried: dict, outputs: bool) -> None:
         """One block for these forwards side by side: their next kept block, in one batch of their rows."""
@@ -332,15 +413,23 @@ class ConceptStream(Hook):
         temb = _joined([entry.temb for entry in kept])
         modulation = None if any(entry.modulation is None for entry in kept) else \
             _joined([entry.modulation for entry in kept])
-        result = self._steps[layer.index](self._blocks[layer.index], states, temb,
-                                          [entry.image.key for entry in kept], [entry.image.value for entry in kept],
-                                          outputs, key_mask, modulation)
+        arena = self._arena if group[0].slot is not None else None
+        if arena is not None:
+            image = arena.side(layer.index, len(group))
+        else:
+            image = ImageSide(_joined([entry.image.key for entry in kept]), _joined([entry.image.value for entry in kept]))
+        result = self._steps[layer.index](self._blocks[layer.index], states, temb, image, outputs, key_mask, modulation)
         start = 0
         for forward, entry in zip(group, kept):
             stop = start + len(forward.rows)
             output = result.concept_output
+            if arena is None:
+                image_query, image_output = entry.image.query, entry.image.output
+            else:
+                image_query = None if arena.query is None else arena.query[layer.index][forward.slot]
+                image_output = None if arena.output is None else arena.output[layer.index][forward.slot]
             records[id(forward)].append((entry.ctx, ConceptBlock(
-                image_query=entry.image.query, image_output=entry.image.output,
+                image_query=image_query, image_output=image_output,
                 concept_key=result.concept_key[start:stop, :, :forward.width],
                 concept_output=None if output is None else output[start:stop, :, :forward.width],
                 selection=forward.selection)))

@@ -51,25 +51,51 @@ def test_forwards_side_by_side_give_the_keys_and_outputs_of_carrying_each_block_
             assert torch.allclose(output, output_alone, atol=1e-5), where
 
 
+def arena_bytes(stream):
+    arena = stream._arena
+    parts = [arena.key, arena.value, arena.query or {}, arena.output or {}]
+    return sum(tensor.nbytes for part in parts for tensor in part.values())
+
+
 @torch.no_grad()
 def test_the_stream_hands_out_a_call_by_its_end_and_holds_no_more_than_its_budget(tiny_flux, monkeypatch):
     arrived = []  # records handed out when each denoiser forward starts
     recorder = Recorder()
     handle = tiny_flux.transformer.register_forward_pre_hook(lambda *_: arrived.append(len(recorder.records)))
     n_layers = headscope.HeadIndex.from_model(tiny_flux).n_layers
+
+    def run(budget):
+        monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", budget)
+        arrived.clear()
+        recorder.records.clear()
+        stream = ConceptStream(tiny_flux, WORDS, readers=[recorder])
+        with headscope.trace(tiny_flux, maps=False, concepts=stream):
+            generate_joint(tiny_flux, PROMPTS, steps=STEPS)
+            assert len(recorder.records) == STEPS * n_layers  # by the call's end, inside the trace
+            assert stream._forwards == []
+            return stream._slots, (arena_bytes(stream) if stream._arena is not None else 0)
+
     try:
-        for budget, expected in ((2**40, [0] * STEPS), (0, [step * n_layers for step in range(STEPS)])):
-            monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", budget)
-            arrived.clear()
-            recorder.records.clear()
-            stream = ConceptStream(tiny_flux, WORDS, readers=[recorder])
-            with headscope.trace(tiny_flux, maps=False, concepts=stream):
-                generate_joint(tiny_flux, PROMPTS, steps=STEPS)
-                assert len(recorder.records) == STEPS * n_layers  # by the call's end, inside the trace
-            assert arrived == expected, budget
-            assert stream._held == 0 and stream._forwards == []
+        slots, held = run(2**40)
+        assert slots == STEPS and arrived == [0] * STEPS  # every forward side by side after the last step
+        per_forward = held // STEPS
+        assert run(2 * per_forward) == (2, 2 * per_forward)  # two fit: carried after the second forward
+        assert arrived == [0, 0, 2 * n_layers]
+        assert run(2 * per_forward - 1) == (0, 0)  # fewer than two fit: block by block, as they run
+        assert arrived == [step * n_layers for step in range(STEPS)]
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def test_one_arena_serves_every_call_of_a_trace_and_goes_when_it_closes(tiny_sd3):
+    stream = ConceptStream(tiny_sd3, WORDS, readers=[Recorder()])
+    with headscope.trace(tiny_sd3, maps=False, concepts=stream):
+        generate_joint(tiny_sd3, PROMPTS, steps=STEPS)
+        first = {layer: tensor.data_ptr() for layer, tensor in stream._arena.key.items()}
+        generate_joint(tiny_sd3, PROMPTS, seed=1, steps=STEPS)
+        assert {layer: tensor.data_ptr() for layer, tensor in stream._arena.key.items()} == first
+    assert stream._arena is None
 
 
 @torch.no_grad()

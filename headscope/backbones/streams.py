@@ -2,16 +2,15 @@
 
 The concept stream (`headscope.stream`) carries tokens beside the prompt through every block of an SD3
 or Flux transformer, with the block's own text-stream weights, and one-way attention: the concept
-queries attend to [concept keys; image keys], and no image or prompt token attends to them, so the
+queries attend to [image keys; concept keys], and no image or prompt token attends to them, so the
 image is untouched. One function per kind of block; each takes
 
     block        the diffusers block module (`JointTransformerBlock`, `FluxTransformerBlock`,
                  `FluxSingleTransformerBlock`)
     states       [rows, tokens, dim] the concept tokens' hidden states entering the block
     temb         [rows, dim] the block's conditioning embedding (timestep, pooled text; Flux: guidance)
-    image_key,   [rows, heads, L_img, head_dim] the block's image keys and values for the same rows, or
-    image_value  lists of such parts, one per denoiser forward carried side by side (each row attends
-                 to its own forward's image)
+    image        the block's image keys and values for the same rows (`ImageSide`; rows may come from
+                 several denoiser forwards carried side by side, each attending to its own image)
 
 and returns a `BlockStep`: the concept keys, the concept attention output before the output
 projection (both [rows, heads, tokens, head_dim]) and the states leaving the block (None after SD3's
@@ -61,39 +60,46 @@ def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _one_way_attention(query, key, value, image_key, image_value, key_mask=None) -> torch.Tensor:
-    """Concept queries over [concept keys; image keys] and their values: [rows, heads, tokens, head_dim].
+@dataclass(frozen=True)
+class ImageSide:
+    """The image keys and values a block's concept queries attend to beside their own (same rows).
+
+    key, value: [rows, heads, L_img, head_dim] (`length` None: joined to the concept keys by a copy), or
+    buffers [rows, heads, length + room, head_dim] whose first `length` tokens are the image: the concept
+    keys and values are then written into the room after them and the attention reads the buffers in
+    place (the concept stream's arena, `headscope.stream`, which copied the image there while it was hot).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    length: int | None = None
+
+    def joined(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[image; concept] keys and values: [rows, heads, L_img + tokens, head_dim]."""
+        if self.length is None:
+            return torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)
+        stop = self.length + key.shape[2]
+        if stop > self.key.shape[2]:
+            raise ValueError(f"{key.shape[2]} concept tokens do not fit the room of {self.key.shape[2] - self.length}")
+        self.key[:, :, self.length:stop] = key
+        self.value[:, :, self.length:stop] = value
+        return self.key[:, :, :stop], self.value[:, :, :stop]
+
+
+def _one_way_attention(query, key, value, image: ImageSide, key_mask=None) -> torch.Tensor:
+    """Concept queries over [image keys; concept keys] and their values: [rows, heads, tokens, head_dim].
 
     PyTorch's SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it, for Flux too: Flux's
     default dispatch backend is that same call (a user's flash / sage backend would only change the
-    kernel, and this attention is off the image's path). image_key / image_value: one tensor, or a list
-    of parts whose rows follow each other (forwards carried side by side), each copied once into the
-    joined keys. key_mask: [rows, tokens] bool, False on concept keys no query may see; image keys stay
-    visible, so a padded query still has keys to attend to.
+    kernel, and this attention is off the image's path). key_mask: [rows, tokens] bool, False on concept
+    keys no query may see; image keys stay visible, so a padded query still has keys to attend to.
     """
-    keys, values = _joined_keys(key, image_key), _joined_keys(value, image_value)
+    keys, values = image.joined(key, value)
     mask = None
     if key_mask is not None:
         image_visible = key_mask.new_ones(key_mask.shape[0], keys.shape[2] - key.shape[2])
-        mask = torch.cat([key_mask, image_visible], dim=1)[:, None, None, :]  # [rows, 1, 1, tokens + L_img]
+        mask = torch.cat([image_visible, key_mask], dim=1)[:, None, None, :]  # [rows, 1, 1, L_img + tokens]
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, is_causal=False)
-
-
-def _joined_keys(concept: torch.Tensor, image) -> torch.Tensor:
-    """[concept; image] along the tokens: [rows, heads, tokens + L_img, head_dim]."""
-    if isinstance(image, torch.Tensor):
-        return torch.cat([concept, image], dim=2)
-    if len(image) == 1:
-        return torch.cat([concept, image[0]], dim=2)
-    rows, heads, tokens, head_dim = concept.shape
-    joined = concept.new_empty(rows, heads, tokens + image[0].shape[2], head_dim,
-                               dtype=torch.promote_types(concept.dtype, image[0].dtype))
-    joined[:, :, :tokens] = concept
-    start = 0
-    for part in image:
-        joined[start:start + part.shape[0], :, tokens:] = part
-        start += part.shape[0]
-    return joined
 
 
 def adaptive_norm(norm, states, temb, modulation=None):
@@ -115,7 +121,7 @@ def adaptive_norm(norm, states, temb, modulation=None):
 _CHUNKS = {"AdaLayerNormZero": 6, "AdaLayerNormZeroSingle": 3, "AdaLayerNormContinuous": 2}
 
 
-def sd3_joint_step(block, states, temb, image_key, image_value, carry: bool = True, key_mask=None,
+def sd3_joint_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                    modulation=None) -> BlockStep:
     """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
     norm2_context, ff_context), with the concept tokens as the context."""
@@ -134,7 +140,7 @@ def sd3_joint_step(block, states, temb, image_key, image_value, carry: bool = Tr
     value = _heads(attn.add_v_proj(normed), attn.heads)
     if attn.norm_added_q is not None:
         query = attn.norm_added_q(query)
-    output = _one_way_attention(query, key, value, image_key, image_value, key_mask).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     if block.context_pre_only:
         return BlockStep(key, output, None)
     states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
@@ -157,7 +163,7 @@ def _shared_projections(attn, normed):
     return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
 
 
-def flux_double_step(block, states, temb, image_key, image_value, carry: bool = True, key_mask=None,
+def flux_double_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                      modulation=None) -> BlockStep:
     """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
     norm2_context, ff_context) with the concept tokens as the text."""
@@ -170,7 +176,7 @@ def flux_double_step(block, states, temb, image_key, image_value, carry: bool = 
     query, key = attn.norm_added_q(query), attn.norm_added_k(key)
     if not carry:
         return BlockStep(key, None, None)
-    output = _one_way_attention(query, key, value, image_key, image_value, key_mask).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     states = states + gate_msa.unsqueeze(1) * attn.to_add_out(output.transpose(1, 2).flatten(2))
     normed = block.norm2_context(states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     states = states + gate_mlp.unsqueeze(1) * block.ff_context(normed)
@@ -179,7 +185,7 @@ def flux_double_step(block, states, temb, image_key, image_value, carry: bool = 
     return BlockStep(key, output, states)
 
 
-def flux_single_step(block, states, temb, image_key, image_value, carry: bool = True, key_mask=None,
+def flux_single_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                      modulation=None) -> BlockStep:
     """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
     the MLP branch side by side, proj_out of both, gate, residual."""
@@ -192,7 +198,7 @@ def flux_single_step(block, states, temb, image_key, image_value, carry: bool = 
     if not carry:
         return BlockStep(key, None, None)
     mlp = block.act_mlp(block.proj_mlp(normed))
-    output = _one_way_attention(query, key, value, image_key, image_value, key_mask).to(query.dtype)
+    output = _one_way_attention(query, key, value, image, key_mask).to(query.dtype)
     joined = torch.cat([output.transpose(1, 2).flatten(2), mlp], dim=2)
     states = states + gate.unsqueeze(1) * block.proj_out(joined)
     if states.dtype == torch.float16:

@@ -258,6 +258,15 @@ class ConceptVotes(Hook):
         positions, valid = self._drawn[key]  # [1, rows, concepts, longest]
         return positions[0].flatten(1), valid[0].flatten(1)
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens `select_tokens` chooses per row: one word per concept, padded to the longest word."""
+        return self.n_concepts * self._positions.shape[-1]
+
+    def records_done(self) -> None:
+        """The concept stream reuses its records' tensors after this: score what was kept of them."""
+        self._score_kept()
+
     def read_concepts(self, ctx: HookContext, block) -> None:
         """A joint block's image queries [rows, heads, L_img, head_dim] x the selected tokens' keys [rows,
         heads, T_sel, head_dim] (`headscope.stream.ConceptBlock`)."""
@@ -367,6 +376,8 @@ class ConceptVotes(Hook):
         if self._call is not None and ctx.call != self._call:
             self._flush()
         if ctx.step not in self._tables:
+            if self.keys is not None:  # a UNet's step starts: score the step before (keep one step's queries)
+                self._score_kept()
             drawn = self._drawn.pop((ctx.call, ctx.step), None)
             positions, valid = drawn if drawn is not None else self._draw(ctx)
             if self.keys is None:  # a block's concept keys are the selection, in this order

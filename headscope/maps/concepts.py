@@ -65,6 +65,8 @@ class ConceptMapReducer:
         steps: recorded steps
     """
 
+    needs_queries = False  # of the concept stream: outputs are enough
+
     def __init__(self, spans: list[tuple[int, int]], window: StepWindow = StepWindow(), keep_steps: bool = False):
         self.window = window
         self.keep_steps = keep_steps
