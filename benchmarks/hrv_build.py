@@ -6,6 +6,8 @@
     python benchmarks/hrv_build.py --joint sd3,flux  # the embedded model, then small joint-attention models
     python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 512 --steps 1 --repeats 5
                                                      # the embedded model, then real-size SD3 / Flux blocks
+    python benchmarks/hrv_build.py --real sd3-medium,flux-dev --real-side 1024 --repeats 0 --flops
+                                                     # FLOP ratios only, at the models' own resolution
 
 Throughput: one `HRVBuilder.fit` over N prompts (text encoding and key projection included).
 Overhead: the same prompt and seed generated three ways — plain, traced without hooks, traced with the
@@ -26,6 +28,9 @@ for SD3, 512 T5 for Flux) with the HRV paper's 34 concepts (340 words, each word
 are in the real vocabularies), --real-side pixels (SD3: 2x2 patches of the 8x-down latent; 512 px =
 1,024 image tokens), the overhead arms only (a throughput build at this size takes hours on a CPU).
 The probe costs per block, so its ratio over the kept blocks is the whole model's at that size.
+--flops also counts each arm's FLOPs in one generation after the warm-up (torch's FlopCounterMode: matmuls,
+convolutions and attention, the CPU flash-attention kernel included): the probe's cost where arithmetic
+dominates (an accelerator at real size), free of the machine's noise; --repeats 0 --flops counts only.
 Results are printed as a table and written atomically to benchmarks/results/hrv_build.json (the main
 model's fields at the top, each small joint model's under "joint", each real-size one's under "real").
 """
@@ -40,6 +45,7 @@ import torch
 
 import harness
 from headscope.backbones import backbone_for
+from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.models import call_defaults
 
@@ -99,7 +105,10 @@ def options():
     parser.add_argument("--n-prompts", type=int, default=16, help="prompts of the throughput build")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each arm")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each arm (0 with --flops: count only)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each arm's matmul and attention FLOPs (one generation per arm after the "
+                             "warm-up): the cost ratio where arithmetic dominates, free of machine noise")
     parser.add_argument("--arm-prompts", type=int, default=1,
                         help="prompts per generation in the overhead arms (a build generates --batch-size at once)")
     parser.add_argument("--joint", default=None, type=_families, metavar="sd3,flux",
@@ -140,6 +149,8 @@ def _sides(value: str) -> list[int]:
 
 
 def measure(args) -> dict:
+    if args.repeats < 0 or (args.repeats == 0 and not args.flops):
+        raise HeadscopeError(f"--repeats {args.repeats}: give a positive number of timed runs (0 only with --flops)")
     pipe, model = harness.load(args)
     result = measure_one(pipe, model, concepts_and_prompts(args), call_defaults(pipe), args)
     if args.joint:
@@ -176,8 +187,11 @@ def measure_real(name: str, args) -> dict:
               "concepts": concept_set.name, "n_concepts": len(concept_set),
               "n_words": sum(len(words) for words in concept_set.concepts.values()), "steps": args.steps,
               **overhead}
-    print(f"{result['model']}: probe / plain x{overhead['probe_over_plain']}, traced / plain "
-          f"x{overhead['traced_over_plain']} (plain {overhead['median_seconds']['plain']:.2f} s)")
+    if "median_seconds" in overhead:
+        print(f"{result['model']}: probe / plain x{overhead['probe_over_plain']}, traced / plain "
+              f"x{overhead['traced_over_plain']} (plain {overhead['median_seconds']['plain']:.2f} s)")
+    if "flops" in overhead:
+        print(f"{result['model']}: FLOPs probe / plain x{overhead['probe_flops_over_plain']}")
     return result
 
 
@@ -248,8 +262,14 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for arm in ARMS:
+    for arm in ARMS:  # warm-up: the concept stream encodes its words once, at its first call
         run(arm)
+    flops = {arm: count_flops(run, arm) for arm in ARMS} if args.flops else {}
+    counted = {} if not flops else {
+        "flops": flops, "probe_flops_over_plain": round(flops["probe"] / flops["plain"], 4),
+        "traced_flops_over_plain": round(flops["traced"] / flops["plain"], 4)}
+    if args.repeats == 0:
+        return {**counted, "repeats": 0, "arm_prompts": len(prompt)}
     runs = {arm: [] for arm in ARMS}
     for repeat in range(args.repeats):
         order = ARMS[repeat % 3:] + ARMS[:repeat % 3]
@@ -265,31 +285,59 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             "paired_probe_over_plain": round(paired["probe"], 3),
             "paired_traced_over_plain": round(paired["traced"], 3),
             "seconds": {arm: [round(value, 4) for value in times] for arm, times in runs.items()},
-            "repeats": args.repeats, "arm_prompts": len(prompt)}
+            "repeats": args.repeats, "arm_prompts": len(prompt), **counted}
+
+
+def count_flops(run, arm: str) -> int:
+    """Matmul, convolution and attention FLOPs of one generation of an arm (torch's FlopCounterMode, with a
+    formula for the CPU flash-attention kernel, which it does not count by itself)."""
+    from torch.utils import flop_counter
+
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_attention not in flop_counter.flop_registry:
+        def attention_flops(query, key, value, *args, out_val=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query, key, value)
+
+        flop_counter.register_flop_formula(cpu_attention)(attention_flops)
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        run(arm)
+    return int(counter.get_total_flops())
 
 
 def side_by_side(results: list[dict]) -> str:
-    """One row per model: heads, seconds per generation plain, and the traced / probe ratios."""
-    rows = [(entry["model"][:72], entry["family"], entry["heads"], entry["median_seconds"]["plain"],
-             entry["traced_over_plain"], entry["probe_over_plain"], entry["paired_traced_over_plain"],
-             entry["paired_probe_over_plain"]) for entry in results]
-    return "\n" + harness.table(rows, ["model", "family", "heads", "plain s", "traced / plain", "probe / plain",
-                                       "paired traced", "paired probe"], digits=3, left=2)
+    """One row per model: heads, seconds per generation plain, the traced / probe ratios (and FLOP ratios)."""
+    flops = any("flops" in entry for entry in results)
+    rows = []
+    for entry in results:
+        timed = "median_seconds" in entry
+        row = [entry["model"][:72], entry["family"], entry["heads"]]
+        row += [entry["median_seconds"]["plain"], entry["traced_over_plain"], entry["probe_over_plain"],
+                entry["paired_traced_over_plain"], entry["paired_probe_over_plain"]] if timed else ["-"] * 5
+        if flops:
+            row.append(entry.get("probe_flops_over_plain", "-"))
+        rows.append(tuple(row))
+    names = ["model", "family", "heads", "plain s", "traced / plain", "probe / plain", "paired traced",
+             "paired probe"] + (["probe / plain FLOPs"] if flops else [])
+    return "\n" + harness.table(rows, names, digits=3, left=2)
 
 
 def table(result: dict) -> str:
-    medians = result["median_seconds"]
     rows = [("model", result["model"]), ("device / threads", f"{result['device']} / {result['threads']}"),
             ("concepts", f"{result['concepts']} ({result['n_concepts']} concepts, {result['n_words']} words)"),
             ("steps, batch", f"{result['steps']}, {result['batch_size']}"),
             ("build", f"{result['n_prompts']} prompts in {result['build_seconds']} s"),
-            ("prompts per minute", f"{result['prompts_per_minute']}"),
-            ("generation, plain", f"{medians['plain']:.4f} s (median of {result['repeats']}, "
-                                  f"{result['arm_prompts']} prompt(s))"),
-            ("generation, traced (no hook)", f"{medians['traced']:.4f} s  x{result['traced_over_plain']}"),
-            ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}"),
-            ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
-                                                  f"probe x{result['paired_probe_over_plain']}")]
+            ("prompts per minute", f"{result['prompts_per_minute']}")]
+    if "median_seconds" in result:
+        medians = result["median_seconds"]
+        rows += [("generation, plain", f"{medians['plain']:.4f} s (median of {result['repeats']}, "
+                                       f"{result['arm_prompts']} prompt(s))"),
+                 ("generation, traced (no hook)", f"{medians['traced']:.4f} s  x{result['traced_over_plain']}"),
+                 ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}"),
+                 ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
+                                                       f"probe x{result['paired_probe_over_plain']}")]
+    if "flops" in result:
+        rows.append(("FLOPs per generation, probe / plain", f"x{result['probe_flops_over_plain']} "
+                                                            f"({result['flops']['plain']:.3g} plain)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

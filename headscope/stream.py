@@ -417,7 +417,8 @@ class ConceptStream(Hook):
         if arena is not None:
             image = arena.side(layer.index, len(group))
         else:
-            image = ImageSide(_joined([entry.image.key for entry in kept]), _joined([entry.image.value for entry in kept]))
+            image = ImageSide(_joined([entry.image.key for entry in kept]),
+                              _joined([entry.image.value for entry in kept]))
         result = self._steps[layer.index](self._blocks[layer.index], states, temb, image, outputs, key_mask, modulation)
         start = 0
         for forward, entry in zip(group, kept):

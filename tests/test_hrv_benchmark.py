@@ -1,0 +1,40 @@
+"""benchmarks/hrv_build.py's FLOP counts: the CPU attention kernel is counted, tracing without hooks adds no
+arithmetic, the vote probe adds some, and --repeats 0 counts without timing (only with --flops)."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headscope.concepts import ConceptSet
+
+CONCEPTS = ConceptSet("tiny", {"color": ["red", "blue"], "animal": ["dog", "cat"]})
+CALL = {"height": 16, "width": 16, "max_sequence_length": 16}
+
+
+@pytest.fixture
+def hrv_build(load_benchmark):
+    return load_benchmark("hrv_build")
+
+
+def test_the_cpu_attention_kernel_is_counted(hrv_build):
+    query, key, value = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    flops = hrv_build.count_flops(lambda arm: F.scaled_dot_product_attention(query, key, value), "any")
+    assert flops == 2 * (2 * 2 * 3 * 5 * 7 * 8)  # q k^T and the weighted sum of values
+
+
+@torch.no_grad()
+def test_tracing_adds_no_flops_and_the_probe_adds_its_streams(hrv_build, tiny_flux):
+    args = argparse.Namespace(steps=2, repeats=0, flops=True)
+    counted = hrv_build.time_arms(tiny_flux, CONCEPTS, ["a red dog"], CALL, args)
+    assert set(counted) == {"flops", "probe_flops_over_plain", "traced_flops_over_plain", "repeats", "arm_prompts"}
+    flops = counted["flops"]
+    assert flops["traced"] == flops["plain"] and flops["probe"] > flops["plain"]
+    assert counted["probe_flops_over_plain"] == round(flops["probe"] / flops["plain"], 4)
+
+
+def test_repeats_zero_needs_flops(hrv_build, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        hrv_build.main(["--tiny", "--repeats", "0"])
+    assert stopped.value.code == 2
+    assert "--repeats 0: give a positive number of timed runs (0 only with --flops)" in capsys.readouterr().err
