@@ -122,6 +122,8 @@ class HRVBuilder:
                 headscope.trace(pipe, hooks=[reader] if stream is None else [], maps=False, concepts=stream):
             for count, batch in enumerate(todo, start=1):
                 self._run_batch(pipe, [prompts[i] for i in batches[batch]], batches[batch], reader, steps, guidance)
+                if stream is not None:
+                    stream.flush()  # done after the last step; here too if a call stopped short of it
                 done.add(batch)
                 bar.update(len(batches[batch]))
                 if count % every == 0 or count == len(todo):
