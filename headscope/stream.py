@@ -12,10 +12,11 @@ by adding concept tokens beside the prompt in every joint block. Here:
           go through the block's text-stream weights with the block's temb: the same norms and
           modulation (the prompt's own, kept by a hook on the norm's linear, not computed again),
           projections, output projection, MLP and gates (`headscope.backbones.streams`);
-          their queries attend to [concept keys; image keys]; no image or prompt token attends to a
+          their queries attend to [image keys; concept keys]; no image or prompt token attends to a
           concept key, so the generated image is bitwise unchanged;
-  readers after each block, every reader's `read_concepts(ctx, block)` gets a `ConceptBlock`: the
-          block's image queries and attention outputs beside the concept tokens' keys and outputs.
+  readers for each block of each forward, in the order they ran (see Batching), every reader's
+          `read_concepts(ctx, block)` gets a `ConceptBlock`: the block's image queries and attention
+          outputs beside the concept tokens' keys and outputs.
           Concept maps (`headscope.maps.concepts`) compare the outputs; joint-attention HRV votes
           (`headscope.hrv.votes`) score the image queries against the concept keys.
 
@@ -40,8 +41,8 @@ keeps no image tensors of its own. Real-size models, of which fewer than two for
 block by block as they run. Readers get the records in the order the blocks ran, step by step.
 
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
-and MLP of T tokens, attention of T queries over T + L_img keys), i.e. about T / (rows x (L_img +
-L_txt)) of the block's projections and MLP, in one batch for all kept forwards. T is every entry's
+and MLP of T tokens, attention of T queries over L_img + T keys), i.e. about T / (rows x (L_img +
+L_txt)) of the block's projections and MLP, in one batch for the arena's forwards. T is every entry's
 tokens, or with a selection T_sel: for HRV votes the concepts x the longest chosen word's tokens (per
 forward, over the batch's rows), not every word of the set (shapes: 23 tokens; hrv34: 340).
 """
