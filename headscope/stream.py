@@ -49,7 +49,7 @@ forward, over the batch's rows), not every word of the set (shapes: 23 tokens; h
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -60,113 +60,12 @@ from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.joint import JointTensors
 from headscope.processor import Hook, HookContext, RunState, row_index
+from headscope.stream_arena import Arena, ConceptBlock, Forward, Kept, TokenSelection, joined, side_by_side
 
 _CHUNK = 64  # entries per encode_prompt call
 STREAM_BUDGET_BYTES = 128 * 2**20
 """Most bytes of the arena that keeps a call's forwards for carrying side by side (read when a call starts).
 When fewer than two forwards fit (real-size models), each block is carried as it runs."""
-
-
-@dataclass(frozen=True)
-class TokenSelection:
-    """The stream's tokens each row carries through one denoiser forward (a selecting reader's choice).
-
-    index: [rows, T_sel] long, positions among the stream's tokens (see `ConceptStream.spans`).
-    valid: [rows, T_sel] bool, False on padding slots (hidden from every concept query).
-    """
-
-    index: torch.Tensor
-    valid: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ConceptBlock:
-    """What one joint block says about the carried concept tokens (conditional rows, heads first).
-
-    image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux);
-        None when no reader of the stream has `needs_queries`.
-    image_output: [rows, heads, L_img, head_dim], their attention output before the output projection;
-        None when no reader has `needs_outputs`.
-    The tensors are views, valid until the readers' `records_done()`: clone what you keep longer.
-    concept_key: [rows, heads, tokens, head_dim], the carried tokens' keys (text-stream projection, k-norm);
-        tokens = every token of the stream, or T_sel, in `selection` order, when a reader selects.
-    concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
-        (None in the last block when no reader has `needs_outputs`: nothing comes after it).
-    selection: which tokens each row carries in this forward; None when the stream carries all of them.
-    """
-
-    image_query: torch.Tensor
-    image_output: torch.Tensor
-    concept_key: torch.Tensor
-    concept_output: torch.Tensor
-    selection: TokenSelection | None = None
-
-
-@dataclass(eq=False)
-class _Kept:
-    """One block of one forward, not carried yet: its image side (views; None when copied into the arena)
-    and the block's conditioning."""
-
-    layer: int
-    ctx: HookContext
-    image: JointTensors | None
-    temb: torch.Tensor  # [rows, dim]
-    modulation: torch.Tensor | None  # [rows, k * dim], the block's text norm's own linear(silu(temb))
-
-
-@dataclass(eq=False)
-class _Forward:
-    """One denoiser forward of the stream: its conditional rows, its tokens, where its states stand."""
-
-    rows: tuple[int, ...]
-    selection: TokenSelection | None = None
-    key_mask: torch.Tensor | None = None  # [rows, width] bool; None when nothing is padded
-    width: int = 0  # tokens carried per row
-    states: torch.Tensor | None = None  # [rows, width, dim] entering `next_layer`; None before the first block
-    next_layer: int | None = None  # the next block to carry (None: no block has run yet)
-    slot: int | None = None  # its place in the arena; None: carried block by block as it runs
-    kept: list = field(default_factory=list)  # _Kept, in block order
-
-
-class _Arena:
-    """Room for `slots` forwards' image side of every block, copied in while hot and reused call after call.
-
-    key, value: per block [slots, rows, heads, L_img + room, head_dim] (the concept keys and values go in
-    the room after the image when the block is carried, `headscope.backbones.streams.ImageSide`); query,
-    output: [slots, rows, heads, L_img, head_dim], only when a reader reads them (else None).
-    """
-
-    def __init__(self, spec: tuple):
-        self.spec = spec
-        shapes, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
-        def room_for(extra):
-            return {layer: torch.empty(self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
-                                       device=device) for layer, (heads, head_dim) in shapes.items()}
-        self.key, self.value = room_for(room), room_for(room)
-        self.query = room_for(0) if queries else None
-        self.output = room_for(0) if outputs else None
-
-    @staticmethod
-    def bytes_per_slot(shapes: dict, rows: int, length: int, room: int, element: int, queries: bool,
-                       outputs: bool) -> int:
-        per_token = sum(heads * head_dim for heads, head_dim in shapes.values()) * rows * element
-        return per_token * (2 * (length + room) + length * (int(queries) + int(outputs)))
-
-    def put(self, layer: int, slot: int, image: JointTensors) -> None:
-        self.key[layer][slot, :, :, :self.length] = image.key
-        self.value[layer][slot, :, :, :self.length] = image.value
-        if self.query is not None:
-            self.query[layer][slot] = image.query
-        if self.output is not None:
-            self.output[layer][slot] = image.output
-
-    def side(self, layer: int, n: int) -> ImageSide:
-        """The first n slots' image keys and values of a block, rows one after another, room included."""
-        return ImageSide(self.key[layer][:n].flatten(0, 1), self.value[layer][:n].flatten(0, 1), self.length)
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class ConceptStream(Hook):
@@ -212,9 +111,9 @@ class ConceptStream(Hook):
         self._steps: dict[int, object] = {}  # per block: its family's step function (`headscope.backbones.streams`)
         self._blocks: dict[int, torch.nn.Module] = {}
         self._state = RunState()  # the trace's, from begin_forward
-        self._current: _Forward | None = None  # the forward running now, when it has conditional rows
-        self._forwards: list[_Forward] = []  # forwards with kept blocks not carried yet (and the current one)
-        self._arena: _Arena | None = None  # kept for the trace, reused by its calls
+        self._current: Forward | None = None  # the forward running now, when it has conditional rows
+        self._forwards: list[Forward] = []  # forwards with kept blocks not carried yet (and the current one)
+        self._arena: Arena | None = None  # kept for the trace, reused by its calls
         self._planned_call: int | None = None  # the call whose forwards `_slots` was chosen for
         self._slots = 0  # forwards carried side by side in this call (0: block by block)
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
@@ -264,7 +163,7 @@ class ConceptStream(Hook):
         """A denoiser forward starts (None: a pass not recorded); it carries the stream from the encoded entries."""
         self._captured, self._modulation = {}, {}
         rows = state.layout.rows(self.rows) if state is not None and state.layout is not None else ()
-        self._current = _Forward(rows=tuple(rows)) if rows else None
+        self._current = Forward(rows=tuple(rows)) if rows else None
         if state is not None:
             self._state = state
         if self._current is not None:
@@ -310,7 +209,7 @@ class ConceptStream(Hook):
         if forward.slot is not None:
             self._arena.put(layer, forward.slot, image)
             image = None
-        forward.kept.append(_Kept(layer, ctx, image, temb[rows], None if modulation is None else modulation[rows]))
+        forward.kept.append(Kept(layer, ctx, image, temb[rows], None if modulation is None else modulation[rows]))
         if forward.slot is None:
             self.flush()
         return None
@@ -324,7 +223,7 @@ class ConceptStream(Hook):
         if state.n_steps is None or state.step >= state.n_steps - 1 or forward.slot == self._slots - 1:
             self.flush()
 
-    def _select(self, ctx: HookContext, forward: "_Forward") -> None:
+    def _select(self, ctx: HookContext, forward: "Forward") -> None:
         """Ask the selecting reader, if any, which tokens this forward carries (at its first block)."""
         if self._selector is None:
             forward.width = self.n_tokens
@@ -344,7 +243,7 @@ class ConceptStream(Hook):
         """The most tokens a forward carries: every token, or what the selecting reader says it may choose."""
         return int(getattr(self._selector, "max_tokens", self.n_tokens)) if self._selector else self.n_tokens
 
-    def _place(self, ctx: HookContext, forward: "_Forward", image: JointTensors) -> None:
+    def _place(self, ctx: HookContext, forward: "Forward", image: JointTensors) -> None:
         """A forward's slot in the arena, the arena made (or kept) at a call's first forward for as many of
         the call's forwards as STREAM_BUDGET_BYTES holds; none (block by block) when fewer than two fit."""
         if ctx.call != self._planned_call:
@@ -354,7 +253,7 @@ class ConceptStream(Hook):
             outputs = any(getattr(reader, "needs_outputs", True) for reader in self.readers)
             shapes = {layer.index: (layer.heads, layer.head_dim) for layer in self.index.layers}
             length, rows = image.key.shape[2], len(forward.rows)
-            per_slot = _Arena.bytes_per_slot(shapes, rows, length, self._room, image.key.element_size(), queries,
+            per_slot = Arena.bytes_per_slot(shapes, rows, length, self._room, image.key.element_size(), queries,
                                              outputs)
             self._slots = min(ctx.n_steps or 0, STREAM_BUDGET_BYTES // per_slot)
             if self._slots < 2:
@@ -364,7 +263,7 @@ class ConceptStream(Hook):
                         outputs)
                 if self._arena is None or self._arena.spec != spec:
                     self._arena = None  # the old room goes before the new is made
-                    self._arena = _Arena(spec)
+                    self._arena = Arena(spec)
         if self._slots:
             forward.slot = sum(1 for other in self._forwards if other.slot is not None and other is not forward)
 
@@ -406,20 +305,20 @@ class ConceptStream(Hook):
             if hasattr(reader, "records_done"):
                 reader.records_done()
 
-    def _carry(self, layer, group: list["_Forward"], records: dict, carried: dict, outputs: bool) -> None:
+    def _carry(self, layer, group: list["Forward"], records: dict, carried: dict, outputs: bool) -> None:
         """One block for these forwards side by side: their next kept block, in one batch of their rows."""
         kept = [forward.kept.pop(0) for forward in group]
         ids = tuple(id(forward) for forward in group)
-        states, key_mask = carried[ids] if ids in carried else self._batched_states(group)
-        temb = _joined([entry.temb for entry in kept])
+        states, key_mask = carried[ids] if ids in carried else side_by_side(group, self._start)
+        temb = joined([entry.temb for entry in kept])
         modulation = None if any(entry.modulation is None for entry in kept) else \
-            _joined([entry.modulation for entry in kept])
+            joined([entry.modulation for entry in kept])
         arena = self._arena if group[0].slot is not None else None
         if arena is not None:
             image = arena.side(layer.index, len(group))
         else:
-            image = ImageSide(_joined([entry.image.key for entry in kept]),
-                              _joined([entry.image.value for entry in kept]))
+            image = ImageSide(joined([entry.image.key for entry in kept]),
+                              joined([entry.image.value for entry in kept]))
         result = self._steps[layer.index](self._blocks[layer.index], states, temb, image, outputs, key_mask, modulation)
         start = 0
         for forward, entry in zip(group, kept):
@@ -440,32 +339,7 @@ class ConceptStream(Hook):
             start = stop
         carried[ids] = (result.states, key_mask)
 
-    def _batched_states(self, group: list["_Forward"]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The states of these forwards side by side, [sum of rows, widest, dim], and the key mask: False
-        on padding, for rows of forwards that carry fewer tokens (None when nothing is padded)."""
-        states = [forward.states if forward.states is not None else self._start(forward) for forward in group]
-        if len(group) == 1:
-            return states[0], group[0].key_mask
-        width = max(forward.width for forward in group)
-        if all(forward.width == width for forward in group):
-            masks = [forward.key_mask for forward in group]
-            if all(mask is None for mask in masks):
-                return torch.cat(states), None
-            return torch.cat(states), torch.cat([mask if mask is not None else
-                                                 torch.ones(len(forward.rows), width, dtype=torch.bool,
-                                                            device=states[0].device)
-                                                 for forward, mask in zip(group, masks)])
-        joined = states[0].new_zeros(sum(len(forward.rows) for forward in group), width, states[0].shape[-1])
-        mask = torch.zeros(joined.shape[:2], dtype=torch.bool, device=joined.device)
-        start = 0
-        for forward, part in zip(group, states):
-            stop = start + len(forward.rows)
-            joined[start:stop, :forward.width] = part
-            mask[start:stop, :forward.width] = True if forward.key_mask is None else forward.key_mask
-            start = stop
-        return joined, mask
-
-    def _start(self, forward: "_Forward") -> torch.Tensor:
+    def _start(self, forward: "Forward") -> torch.Tensor:
         """A forward's carried tokens' encodings: [rows, tokens, dim], every entry's, or [rows, T_sel, dim] of
         the tokens the selecting reader chose."""
         if self._initial is None:

@@ -40,7 +40,8 @@ Cost of one more concept: only its words are encoded and projected (a few text-e
 `to_k` product per layer), but the votes must be re-run over all prompts, because every vote is an
 argmax over the whole concept set: adding a concept can move any head's vote.
 
-Modules: `file` (the HRV object and its file), `votes` (concept keys and the vote reader), `build`
+Modules: `file` (the HRV object and its file), `keys` (concept words as keys), `votes` (the vote
+reader), `sampling` (its per-step word tables), `build`
 (the estimator), `processes` (several processes), `meta` (what a build records).
 """
 from headscope.hrv.build import HRVBuilder
@@ -49,8 +50,8 @@ from headscope.hrv.meta import (BUILD_DEFAULT_COMMAND, build_default_command, co
                                 default_hrv_path, embedded_of, generation_defaults, head_meta, is_embedded, model_meta,
                                 prompt_seed)
 from headscope.hrv.processes import Processes
-from headscope.hrv.votes import (ConceptTokens, ConceptVotes, concept_reader, concept_scores, encode_concepts,
-                                 project_keys)
+from headscope.hrv.keys import ConceptTokens, concept_scores, encode_concepts, project_keys
+from headscope.hrv.votes import ConceptVotes, concept_reader
 
 __all__ = ["BUILD_DEFAULT_COMMAND", "FORMAT", "HRV", "ConceptTokens", "ConceptVotes", "HRVBuilder", "Processes",
            "build_default_command", "concept_meta", "concept_reader", "concept_scores", "config_hash", "default_hrv_path", "encode_concepts",

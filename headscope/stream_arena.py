@@ -1,0 +1,140 @@
+"""What the concept stream (`headscope.stream`) hands its readers (`ConceptBlock`, with the forward's
+`TokenSelection`) and what it keeps between a block's run and its carry: each forward's place and states
+(`Forward`), its blocks not carried yet (`Kept`), and the arena that holds their image side for carrying
+a call's forwards side by side (`Arena`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from headscope.backbones.streams import ImageSide
+from headscope.joint import JointTensors
+from headscope.processor import HookContext
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """The stream's tokens each row carries through one denoiser forward (a selecting reader's choice).
+
+    index: [rows, T_sel] long, positions among the stream's tokens (see `ConceptStream.spans`).
+    valid: [rows, T_sel] bool, False on padding slots (hidden from every concept query).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ConceptBlock:
+    """What one joint block says about the carried concept tokens (conditional rows, heads first).
+
+    image_query: [rows, heads, L_img, head_dim], the block's image queries (after q-norm; RoPE on Flux);
+        None when no reader of the stream has `needs_queries`.
+    image_output: [rows, heads, L_img, head_dim], their attention output before the output projection;
+        None when no reader has `needs_outputs`.
+    The tensors are views, valid until the readers' `records_done()`: clone what you keep longer.
+    concept_key: [rows, heads, tokens, head_dim], the carried tokens' keys (text-stream projection, k-norm);
+        tokens = every token of the stream, or T_sel, in `selection` order, when a reader selects.
+    concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
+        (None in the last block when no reader has `needs_outputs`: nothing comes after it).
+    selection: which tokens each row carries in this forward; None when the stream carries all of them.
+    """
+
+    image_query: torch.Tensor
+    image_output: torch.Tensor
+    concept_key: torch.Tensor
+    concept_output: torch.Tensor
+    selection: TokenSelection | None = None
+
+
+@dataclass(eq=False)
+class Kept:
+    """One block of one forward, not carried yet: its image side (views; None when copied into the arena)
+    and the block's conditioning."""
+
+    layer: int
+    ctx: HookContext
+    image: JointTensors | None
+    temb: torch.Tensor  # [rows, dim]
+    modulation: torch.Tensor | None  # [rows, k * dim], the block's text norm's own linear(silu(temb))
+
+
+@dataclass(eq=False)
+class Forward:
+    """One denoiser forward of the stream: its conditional rows, its tokens, where its states stand."""
+
+    rows: tuple[int, ...]
+    selection: TokenSelection | None = None
+    key_mask: torch.Tensor | None = None  # [rows, width] bool; None when nothing is padded
+    width: int = 0  # tokens carried per row
+    states: torch.Tensor | None = None  # [rows, width, dim] entering `next_layer`; None before the first block
+    next_layer: int | None = None  # the next block to carry (None: no block has run yet)
+    slot: int | None = None  # its place in the arena; None: carried block by block as it runs
+    kept: list = field(default_factory=list)  # Kept, in block order
+
+
+class Arena:
+    """Room for `slots` forwards' image side of every block, copied in while hot and reused call after call.
+
+    key, value: per block [slots, rows, heads, L_img + room, head_dim] (the concept keys and values go in
+    the room after the image when the block is carried, `headscope.backbones.streams.ImageSide`); query,
+    output: [slots, rows, heads, L_img, head_dim], only when a reader reads them (else None).
+    """
+
+    def __init__(self, spec: tuple):
+        self.spec = spec
+        shapes, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
+        def room_for(extra):
+            return {layer: torch.empty(self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
+                                       device=device) for layer, (heads, head_dim) in shapes.items()}
+        self.key, self.value = room_for(room), room_for(room)
+        self.query = room_for(0) if queries else None
+        self.output = room_for(0) if outputs else None
+
+    @staticmethod
+    def bytes_per_slot(shapes: dict, rows: int, length: int, room: int, element: int, queries: bool,
+                       outputs: bool) -> int:
+        per_token = sum(heads * head_dim for heads, head_dim in shapes.values()) * rows * element
+        return per_token * (2 * (length + room) + length * (int(queries) + int(outputs)))
+
+    def put(self, layer: int, slot: int, image: JointTensors) -> None:
+        self.key[layer][slot, :, :, :self.length] = image.key
+        self.value[layer][slot, :, :, :self.length] = image.value
+        if self.query is not None:
+            self.query[layer][slot] = image.query
+        if self.output is not None:
+            self.output[layer][slot] = image.output
+
+    def side(self, layer: int, n: int) -> ImageSide:
+        """The first n slots' image keys and values of a block, rows one after another, room included."""
+        return ImageSide(self.key[layer][:n].flatten(0, 1), self.value[layer][:n].flatten(0, 1), self.length)
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def side_by_side(group: list[Forward], start) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The states of these forwards side by side, [sum of rows, widest, dim], and the key mask: False
+    on padding, for rows of forwards that carry fewer tokens (None when nothing is padded). `start(forward)`
+    gives the states of a forward no block has carried yet."""
+    states = [forward.states if forward.states is not None else start(forward) for forward in group]
+    if len(group) == 1:
+        return states[0], group[0].key_mask
+    width = max(forward.width for forward in group)
+    if all(forward.width == width for forward in group):
+        masks = [forward.key_mask for forward in group]
+        if all(mask is None for mask in masks):
+            return torch.cat(states), None
+        return torch.cat(states), torch.cat([mask if mask is not None else
+                                             torch.ones(len(forward.rows), width, dtype=torch.bool,
+                                                        device=states[0].device)
+                                             for forward, mask in zip(group, masks)])
+    joined = states[0].new_zeros(sum(len(forward.rows) for forward in group), width, states[0].shape[-1])
+    mask = torch.zeros(joined.shape[:2], dtype=torch.bool, device=joined.device)
+    start = 0
+    for forward, part in zip(group, states):
+        stop = start + len(forward.rows)
+        joined[start:stop, :forward.width] = part
+        mask[start:stop, :forward.width] = True if forward.key_mask is None else forward.key_mask
+        start = stop
+    return joined, mask
