@@ -188,6 +188,7 @@ class ConceptStream(Hook):
         if self._current is not None:
             self._modulation[layer] = output
 
+    @torch.no_grad()
     def _after_block(self, layer: int, block, args, kwargs, output) -> None:
         """Forward hook of a joint block: keep what the concept tokens need from it (copied into the arena
         while hot, or views when the block is carried at once), for `flush`."""
