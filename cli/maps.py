@@ -258,10 +258,11 @@ def write_concept_maps(stage: Path, tc, images, concepts: list[str], prompt: str
             stats[concept].append({"image": image_number, "max": round(float(maps[row].max()), 6),
                                    "mean": round(float(maps[row].mean()), 6),
                                    "argmax_share": round(float((winners == row).float().mean()), 6)})
-            figure = viz.overlay_figure(image, maps[row], word=concept, prompt=prompt, method="ConceptAttention map")
+            figure = viz.overlay_figure(image, maps[row], word=concept, prompt=prompt, method="ConceptAttention map",
+                                        shares=True)
             files.append(_save(figure, stage, f"maps/concept-{_slug(concept)}{suffix}.png"))
         grid = viz.word_grid_figure(image, dict(zip(concepts, maps)), prompt=prompt,
-                                    question="Where is each concept (ConceptAttention, output space)")
+                                    question="Where is each concept (ConceptAttention, output space)", shares=True)
         files.append(_save(grid, stage, f"maps/concepts{suffix}.png"))
     layers = [tc.index.layers[layer].name for layer in default_layers(tc.index)]
     return {"method": "ConceptAttention (output space)", "layers": layers, "maps": stats}, files

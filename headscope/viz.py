@@ -20,22 +20,27 @@ from headscope.io import atomic_path
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.45
 HEAT_LABEL = "attention to the word\n(normalised: 0 = least, 1 = most)"
+SHARE_LABEL = "the concept's share of the pixel\n(softmax over the concepts; all sum to 1)"
 
 
-def overlay_figure(image, heat_map: torch.Tensor, *, word: str, prompt: str, method: str = "DAAM heat map") -> Figure:
-    """One word's heat map [H, W] over its image, with a title ("<method> of <word>") and a colour bar."""
+def overlay_figure(image, heat_map: torch.Tensor, *, word: str, prompt: str, method: str = "DAAM heat map",
+                   shares: bool = False) -> Figure:
+    """One word's heat map [H, W] over its image, with a title ("<method> of <word>") and a colour bar.
+    `shares`: the map is a share in [0, 1] (concept maps, a softmax over concepts), shown as it is, not
+    normalised."""
     figure = Figure(figsize=(5.6, 5.0), layout="constrained")
     axes = figure.add_subplot()
     pixels = _as_pixels(image)
-    shown = _draw_overlay(axes, pixels, heat_map)
+    shown = _draw_overlay(axes, pixels, heat_map, normalised=not shares)
     axes.set_title(f'{method} of "{word}"\n' + _wrap(f'prompt: "{prompt}"', 60), fontsize=10)
-    figure.colorbar(shown, ax=axes, shrink=0.8, label=HEAT_LABEL)
+    figure.colorbar(shown, ax=axes, shrink=0.8, label=SHARE_LABEL if shares else HEAT_LABEL)
     return figure
 
 
 def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str,
-                     question: str = "Which pixels attend to each word") -> Figure:
-    """The image, then one panel per word with its heat map [H, W] overlaid (each map normalised)."""
+                     question: str = "Which pixels attend to each word", shares: bool = False) -> Figure:
+    """The image, then one panel per word with its heat map [H, W] overlaid (each map normalised; with
+    `shares`, maps of shares in [0, 1] on one scale, as they are)."""
     n_panels = 1 + len(word_maps)
     columns = min(4, n_panels)
     rows = -(-n_panels // columns)
@@ -47,7 +52,7 @@ def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str,
     shown = None
     for panel, (word, heat_map) in enumerate(word_maps.items(), start=1):
         axes = grid[panel // columns][panel % columns]
-        shown = _draw_overlay(axes, pixels, heat_map)
+        shown = _draw_overlay(axes, pixels, heat_map, normalised=not shares)
         axes.set_title(f'"{word}"', fontsize=11)
     for panel in range(n_panels, rows * columns):
         grid[panel // columns][panel % columns].set_visible(False)
@@ -55,7 +60,7 @@ def word_grid_figure(image, word_maps: dict[str, torch.Tensor], *, prompt: str,
         axes.set_axis_off()
     figure.suptitle(_wrap(f'{question} — prompt: "{prompt}"', 90), fontsize=11)
     if shown is not None:
-        figure.colorbar(shown, ax=grid.ravel().tolist(), shrink=0.6, label=HEAT_LABEL)
+        figure.colorbar(shown, ax=grid.ravel().tolist(), shrink=0.6, label=SHARE_LABEL if shares else HEAT_LABEL)
     return figure
 
 
@@ -115,9 +120,11 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def _draw_overlay(axes, pixels: np.ndarray, heat_map: torch.Tensor):
-    """Image with the normalised map on top, resized to the image if needed; returns the heat artist."""
-    heat = normalize(heat_map.detach().float().cpu())
+def _draw_overlay(axes, pixels: np.ndarray, heat_map: torch.Tensor, normalised: bool = True):
+    """Image with the map on top (normalised to [0, 1], or clipped to it as it is), resized to the image if
+    needed; returns the heat artist."""
+    heat = heat_map.detach().float().cpu()
+    heat = normalize(heat) if normalised else heat.clamp(0.0, 1.0)
     if tuple(heat.shape) != pixels.shape[:2]:
         heat = F.interpolate(heat[None, None], size=pixels.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     axes.imshow(pixels)

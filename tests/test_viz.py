@@ -61,3 +61,20 @@ def test_failed_save_leaves_no_file(run, tmp_path):
     with pytest.raises(ValueError):
         viz.save_figure(figure, tmp_path / "overlay.nosuchformat")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concept_shares_are_drawn_as_they_are_on_one_scale_not_normalised_per_map():
+    image = torch.zeros(3, 8, 8)
+    shares = {"circle": torch.full((8, 8), 0.75), "sky": torch.full((8, 8), 0.25)}
+    shares["circle"][0, 0], shares["sky"][0, 0] = 0.5, 0.5
+
+    def drawn(figure):  # the overlays' arrays, panel by panel (the image itself is the first artist)
+        return [artist.get_array() for axes in figure.axes for artist in axes.get_images()[1:]]
+
+    as_shares = drawn(viz.word_grid_figure(image, shares, prompt="p", shares=True))
+    assert [float(heat[4, 4]) for heat in as_shares] == [0.75, 0.25] and float(as_shares[0][0, 0]) == 0.5
+    assert "softmax over the concepts" in texts(viz.word_grid_figure(image, shares, prompt="p", shares=True))
+    normalised = drawn(viz.word_grid_figure(image, shares, prompt="p"))
+    assert [float(heat[4, 4]) for heat in normalised] == [1.0, 0.0]  # each map stretched to [0, 1] on its own
+    single = drawn(viz.overlay_figure(image, shares["sky"], word="sky", prompt="p", shares=True))
+    assert float(single[0][4, 4]) == 0.25
