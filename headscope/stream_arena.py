@@ -5,11 +5,13 @@ a call's forwards side by side (`Arena`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from headscope.backbones.streams import ImageSide
 from headscope.joint import JointTensors
 from headscope.processor import HookContext
+
 
 @dataclass(frozen=True)
 class TokenSelection:
@@ -31,16 +33,16 @@ class ConceptBlock:
         None when no reader of the stream has `needs_queries`.
     image_output: [rows, heads, L_img, head_dim], their attention output before the output projection;
         None when no reader has `needs_outputs`.
-    The tensors are views, valid until the readers' `records_done()`: clone what you keep longer.
     concept_key: [rows, heads, tokens, head_dim], the carried tokens' keys (text-stream projection, k-norm);
         tokens = every token of the stream, or T_sel, in `selection` order, when a reader selects.
     concept_output: [rows, heads, tokens, head_dim], their attention output before the output projection
         (None in the last block when no reader has `needs_outputs`: nothing comes after it).
     selection: which tokens each row carries in this forward; None when the stream carries all of them.
+    The tensors are views, valid until the readers' `records_done()`: clone what you keep longer.
     """
 
-    image_query: torch.Tensor
-    image_output: torch.Tensor
+    image_query: torch.Tensor | None
+    image_output: torch.Tensor | None
     concept_key: torch.Tensor
     concept_output: torch.Tensor
     selection: TokenSelection | None = None
@@ -83,6 +85,7 @@ class Arena:
     def __init__(self, spec: tuple):
         self.spec = spec
         shapes, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
+
         def room_for(extra):
             return {layer: torch.empty(self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
                                        device=device) for layer, (heads, head_dim) in shapes.items()}
@@ -113,11 +116,11 @@ def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def side_by_side(group: list[Forward], start) -> tuple[torch.Tensor, torch.Tensor | None]:
+def side_by_side(group: list[Forward], encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The states of these forwards side by side, [sum of rows, widest, dim], and the key mask: False
-    on padding, for rows of forwards that carry fewer tokens (None when nothing is padded). `start(forward)`
+    on padding, for rows of forwards that carry fewer tokens (None when nothing is padded). `encoded(forward)`
     gives the states of a forward no block has carried yet."""
-    states = [forward.states if forward.states is not None else start(forward) for forward in group]
+    states = [forward.states if forward.states is not None else encoded(forward) for forward in group]
     if len(group) == 1:
         return states[0], group[0].key_mask
     width = max(forward.width for forward in group)
@@ -129,12 +132,12 @@ def side_by_side(group: list[Forward], start) -> tuple[torch.Tensor, torch.Tenso
                                              torch.ones(len(forward.rows), width, dtype=torch.bool,
                                                         device=states[0].device)
                                              for forward, mask in zip(group, masks)])
-    joined = states[0].new_zeros(sum(len(forward.rows) for forward in group), width, states[0].shape[-1])
-    mask = torch.zeros(joined.shape[:2], dtype=torch.bool, device=joined.device)
+    padded = states[0].new_zeros(sum(len(forward.rows) for forward in group), width, states[0].shape[-1])
+    mask = torch.zeros(padded.shape[:2], dtype=torch.bool, device=padded.device)
     start = 0
     for forward, part in zip(group, states):
         stop = start + len(forward.rows)
-        joined[start:stop, :forward.width] = part
+        padded[start:stop, :forward.width] = part
         mask[start:stop, :forward.width] = True if forward.key_mask is None else forward.key_mask
         start = stop
-    return joined, mask
+    return padded, mask
