@@ -35,10 +35,14 @@ Batching: a call's forwards are independent of one another in the stream (each s
 encoded entries, and reads only its own forward's image), so when `STREAM_BUDGET_BYTES` holds two or
 more of them, the stream copies each block's image side (cond rows: keys and values, and the queries and
 outputs its readers read) into an arena while it is hot, and carries a block for every forward of the
-arena at once, one batch of [forwards x rows] (`ConceptStream.flush`), after the call's last step or
-when the arena is full. The arena is made once and reused call after call, so a call allocates and
-keeps no image tensors of its own. Real-size models, of which fewer than two forwards fit, are carried
-block by block as they run. Readers get the records in the order the blocks ran, step by step.
+arena at once, one batch of [forwards x rows] (`ConceptStream.flush`), when the arena is full and after
+the call's last step, the steps spread evenly over as few batches as fit. The arena is made once and
+kept while the stream lives, reused by every call of its traces, so a call allocates and keeps no image
+tensors of its own (an arena made for each trace had its pages faulted in anew every time, which cost
+the small Flux model five times the copies). The last block's image keys and values are not kept when
+no reader reads outputs (they would only carry the tokens on). Real-size models, of which fewer than two
+forwards fit, are carried block by block as they run. Readers get the records in the order the blocks
+ran, step by step.
 
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over L_img + T keys), i.e. about T / (rows x (L_img +
@@ -113,7 +117,7 @@ class ConceptStream(Hook):
         self._state = RunState()  # the trace's, from begin_forward
         self._current: Forward | None = None  # the forward running now, when it has conditional rows
         self._forwards: list[Forward] = []  # forwards with kept blocks not carried yet (and the current one)
-        self._arena: Arena | None = None  # kept for the trace, reused by its calls
+        self._arena: Arena | None = None  # kept while the stream lives, reused by every call of its traces
         self._planned_call: int | None = None  # the call whose forwards `_slots` was chosen for
         self._slots = 0  # forwards carried side by side in this call (0: block by block)
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
@@ -149,7 +153,7 @@ class ConceptStream(Hook):
         finally:
             for handle in self._handles:
                 handle.remove()
-            self._handles, self._forwards, self._current, self._arena, self._planned_call = [], [], None, None, None
+            self._handles, self._forwards, self._current, self._planned_call = [], [], None, None
 
     def prepare(self, arguments: dict) -> None:
         """Encode the entries as a pipeline call with these `encode_prompt` arguments would (once per length)."""
@@ -196,21 +200,23 @@ class ConceptStream(Hook):
         forward = self._current
         if entry is None or forward is None:
             return None
-        ctx, tensors = entry
-        ctx = replace(ctx, rows=forward.rows)
-        rows = row_index(forward.rows)
-        image = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
-                             output=tensors.output[rows])
+        ctx, image = entry
+        temb = kwargs["temb"] if "temb" in kwargs else args[2]
+        modulation = self._modulation.pop(layer, None)
+        if ctx.rows != forward.rows:  # guidance: the conditional rows only
+            ctx = replace(ctx, rows=forward.rows)
+            rows = row_index(forward.rows)
+            image = JointTensors(query=image.query[rows], key=image.key[rows], value=image.value[rows],
+                                 output=image.output[rows])
+            temb, modulation = temb[rows], None if modulation is None else modulation[rows]
         if forward.next_layer is None:  # the forward's first block: its tokens, its place
             forward.next_layer = layer
             self._select(ctx, forward)
             self._place(ctx, forward, image)
-        temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        modulation = self._modulation.pop(layer, None)
         if forward.slot is not None:
             self._arena.put(layer, forward.slot, image)
             image = None
-        forward.kept.append(Kept(layer, ctx, image, temb[rows], None if modulation is None else modulation[rows]))
+        forward.kept.append(Kept(layer, ctx, image, temb, modulation))
         if forward.slot is None:
             self.flush()
         return None
@@ -240,6 +246,11 @@ class ConceptStream(Hook):
         forward.width = index.shape[1]
 
     @property
+    def _outputs_wanted(self) -> bool:
+        """Whether a reader reads outputs: else the last block gives the concept keys only (nothing after it)."""
+        return any(getattr(reader, "needs_outputs", True) for reader in self.readers)
+
+    @property
     def _room(self) -> int:
         """The most tokens a forward carries: every token, or what the selecting reader says it may choose."""
         return int(getattr(self._selector, "max_tokens", self.n_tokens)) if self._selector else self.n_tokens
@@ -251,17 +262,19 @@ class ConceptStream(Hook):
             self.flush()
             self._planned_call = ctx.call
             queries = any(getattr(reader, "needs_queries", True) for reader in self.readers)
-            outputs = any(getattr(reader, "needs_outputs", True) for reader in self.readers)
+            outputs = self._outputs_wanted
             shapes = {layer.index: (layer.heads, layer.head_dim) for layer in self.index.layers}
+            # The last block's image keys and values serve only to carry the concept tokens on (outputs).
+            kv_layers = tuple(shapes) if outputs else tuple(shapes)[:-1]
             length, rows = image.key.shape[2], len(forward.rows)
-            per_slot = Arena.bytes_per_slot(shapes, rows, length, self._room, image.key.element_size(), queries,
-                                             outputs)
-            self._slots = min(ctx.n_steps or 0, STREAM_BUDGET_BYTES // per_slot)
+            per_slot = Arena.bytes_per_slot(shapes, kv_layers, rows, length, self._room, image.key.element_size(),
+                                             queries, outputs)
+            self._slots = _slots(ctx.n_steps or 0, STREAM_BUDGET_BYTES // per_slot)
             if self._slots < 2:
                 self._slots, self._arena = 0, None
             else:
-                spec = (shapes, self._slots, rows, length, self._room, image.key.dtype, image.key.device, queries,
-                        outputs)
+                spec = (shapes, kv_layers, self._slots, rows, length, self._room, image.key.dtype, image.key.device,
+                        queries, outputs)
                 if self._arena is None or self._arena.spec != spec:
                     self._arena = None  # the old room goes before the new is made
                     self._arena = Arena(spec)
@@ -285,7 +298,7 @@ class ConceptStream(Hook):
             return
         records = {id(forward): [] for forward in forwards}
         last = self.index.layers[-1].index
-        outputs_wanted = any(getattr(reader, "needs_outputs", True) for reader in self.readers)
+        outputs_wanted = self._outputs_wanted
         carried: dict[tuple, tuple] = {}  # forwards carried together -> (states, key mask) out of their last block
         for layer in self.index.layers:
             ready = [forward for forward in forwards if forward.kept and forward.kept[0].layer == layer.index]
@@ -368,6 +381,16 @@ class ConceptStream(Hook):
                 pieces.append(embeds[row, positions])
         weight = model.context_embedder.weight
         return model.context_embedder(torch.cat(pieces).to(device=weight.device, dtype=weight.dtype))
+
+
+def _slots(n_steps: int, most: int) -> int:
+    """Forwards side by side: as few batches as `most` per batch allows, the call's steps spread evenly over
+    them (10 steps, room for 6: two batches of 5, not 6 and 4, so the arena is no larger than it need be);
+    0 when fewer than two fit."""
+    if most < 2 or n_steps < 2:
+        return 0
+    batches = -(-n_steps // most)
+    return -(-n_steps // batches)
 
 
 def _entry_positions(pipe, backbone, entry: str, encoder: str, allow_unknown) -> list[int]:

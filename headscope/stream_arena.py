@@ -77,43 +77,74 @@ class Forward:
 class Arena:
     """Room for `slots` forwards' image side of every block, copied in while hot and reused call after call.
 
-    key, value: per block [slots, rows, heads, L_img + room, head_dim] (the concept keys and values go in
-    the room after the image when the block is carried, `headscope.backbones.streams.ImageSide`); query,
-    output: [slots, rows, heads, L_img, head_dim], only when a reader reads them (else None).
+    key, value: per block whose concept tokens are carried on ([slots, rows, heads, L_img + room, head_dim];
+    the concept keys and values go in the room after the image when the block is carried,
+    `headscope.backbones.streams.ImageSide`), none for a last block that only gives keys; query, output:
+    per block [slots, rows, heads, L_img, head_dim], only when a reader reads them (else None). When every
+    block has the same heads, a block's queries are a view of one tensor [blocks, slots, ...], so the
+    queries of many records lie evenly apart in memory and `stacked` joins them without a copy.
     """
 
     def __init__(self, spec: tuple):
         self.spec = spec
-        shapes, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
+        shapes, kv_layers, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
 
-        def room_for(extra):
-            return {layer: torch.empty(self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
-                                       device=device) for layer, (heads, head_dim) in shapes.items()}
-        self.key, self.value = room_for(room), room_for(room)
-        self.query = room_for(0) if queries else None
-        self.output = room_for(0) if outputs else None
+        def room_for(extra, layers):
+            sizes = {shapes[layer] for layer in layers}
+            if len(sizes) == 1:  # one tensor, a view per block
+                (heads, head_dim), = sizes
+                whole = torch.empty(len(layers), self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
+                                    device=device)
+                return {layer: whole[number] for number, layer in enumerate(layers)}
+            return {layer: torch.empty(self.slots, rows, *shapes[layer][:1], self.length + extra, shapes[layer][1],
+                                       dtype=dtype, device=device) for layer in layers}
+        self.key, self.value = room_for(room, kv_layers), room_for(room, kv_layers)
+        self.query = room_for(0, list(shapes)) if queries else None
+        self.output = room_for(0, list(shapes)) if outputs else None
+        # Per block and slot, where each field of a JointTensors goes: views made once, so a put is copies only.
+        self._into = {layer: [[(name, room[layer][slot, :, :, :self.length] if name in ("key", "value")
+                                else room[layer][slot])
+                               for name, room in (("key", self.key), ("value", self.value), ("query", self.query),
+                                                  ("output", self.output))
+                               if room is not None and layer in room]
+                              for slot in range(self.slots)] for layer in shapes}
 
     @staticmethod
-    def bytes_per_slot(shapes: dict, rows: int, length: int, room: int, element: int, queries: bool,
+    def bytes_per_slot(shapes: dict, kv_layers, rows: int, length: int, room: int, element: int, queries: bool,
                        outputs: bool) -> int:
-        per_token = sum(heads * head_dim for heads, head_dim in shapes.values()) * rows * element
-        return per_token * (2 * (length + room) + length * (int(queries) + int(outputs)))
+        def per_token(layers):
+            return sum(heads * head_dim for heads, head_dim in (shapes[layer] for layer in layers)) * rows * element
+        return (per_token(kv_layers) * 2 * (length + room) +
+                per_token(shapes) * length * (int(queries) + int(outputs)))
 
     def put(self, layer: int, slot: int, image: JointTensors) -> None:
-        self.key[layer][slot, :, :, :self.length] = image.key
-        self.value[layer][slot, :, :, :self.length] = image.value
-        if self.query is not None:
-            self.query[layer][slot] = image.query
-        if self.output is not None:
-            self.output[layer][slot] = image.output
+        for name, room in self._into[layer][slot]:
+            room.copy_(getattr(image, name))
 
-    def side(self, layer: int, n: int) -> ImageSide:
-        """The first n slots' image keys and values of a block, rows one after another, room included."""
+    def side(self, layer: int, n: int) -> ImageSide | None:
+        """The first n slots' image keys and values of a block, rows one after another, room included (None for
+        a block whose concept tokens are not carried on)."""
+        if layer not in self.key:
+            return None
         return ImageSide(self.key[layer][:n].flatten(0, 1), self.value[layer][:n].flatten(0, 1), self.length)
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(parts)`, as a view when the parts are alike views lying evenly apart in one storage (records
+    of consecutive arena slots, in slot order), else a copy."""
+    first = parts[0]
+    if len(parts) > 1:
+        gap = parts[1].data_ptr() - first.data_ptr()
+        alike = all(part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and
+                    part.shape == first.shape and part.stride() == first.stride() and
+                    part.data_ptr() - first.data_ptr() == number * gap for number, part in enumerate(parts))
+        if alike and gap > 0 and gap % first.element_size() == 0:
+            return first.as_strided((len(parts), *first.shape), (gap // first.element_size(), *first.stride()))
+    return torch.stack(parts)
 
 
 def side_by_side(group: list[Forward], encoded) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import headscope
-from headscope.stream import ConceptStream
+from headscope.stream import ConceptStream, _slots
+from headscope.stream_arena import stacked
 from headscope.testing_joint import generate_joint
 
 WORDS = ["red", "giraffe", "dog"]  # "giraffe" is two tokens with both tokenizers
@@ -88,14 +89,42 @@ def test_the_stream_hands_out_a_call_by_its_end_and_holds_no_more_than_its_budge
 
 
 @torch.no_grad()
-def test_one_arena_serves_every_call_of_a_trace_and_goes_when_it_closes(tiny_sd3):
+def test_one_arena_serves_every_call_of_every_trace_of_a_stream(tiny_sd3, monkeypatch):
+    monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", 2**40)
     stream = ConceptStream(tiny_sd3, WORDS, readers=[Recorder()])
     with headscope.trace(tiny_sd3, maps=False, concepts=stream):
         generate_joint(tiny_sd3, PROMPTS, steps=STEPS)
-        first = {layer: tensor.data_ptr() for layer, tensor in stream._arena.key.items()}
+        first = {layer: tensor.data_ptr() for layer, tensor in stream._arena.query.items()}
         generate_joint(tiny_sd3, PROMPTS, seed=1, steps=STEPS)
-        assert {layer: tensor.data_ptr() for layer, tensor in stream._arena.key.items()} == first
-    assert stream._arena is None
+        assert {layer: tensor.data_ptr() for layer, tensor in stream._arena.query.items()} == first
+    with headscope.trace(tiny_sd3, maps=False, concepts=stream):
+        generate_joint(tiny_sd3, PROMPTS, seed=2, steps=STEPS)
+    assert {layer: tensor.data_ptr() for layer, tensor in stream._arena.query.items()} == first
+    assert list(stream._arena.key) == list(first)  # a reader of outputs: the last block's keys are kept too
+
+
+class KeysOnly(Recorder):
+    needs_outputs = False
+
+
+@torch.no_grad()
+def test_without_a_reader_of_outputs_the_last_block_keeps_no_image_keys_and_gives_keys(tiny_flux, monkeypatch):
+    monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", 2**40)
+    reader = KeysOnly()
+    stream = ConceptStream(tiny_flux, WORDS, readers=[reader])
+    with headscope.trace(tiny_flux, maps=False, concepts=stream):
+        generate_joint(tiny_flux, PROMPTS, steps=STEPS)
+    layers = [layer.index for layer in headscope.HeadIndex.from_model(tiny_flux).layers]
+    assert list(stream._arena.key) == list(stream._arena.value) == layers[:-1]
+    last = [(key, output) for (_, _, layer), key, output in reader.records if layer == layers[-1]]
+    assert len(last) == STEPS and all(output is None for _, output in last)
+    with_outputs = carried(tiny_flux, 2**40, monkeypatch)
+    assert all(torch.equal(key, other) for (_, key, _), (_, other, _) in zip(reader.records, with_outputs))
+
+
+def test_steps_spread_evenly_over_as_few_batches_as_the_budget_allows():
+    assert [_slots(10, most) for most in (0, 1, 2, 4, 5, 6, 9, 10, 64)] == [0, 0, 2, 4, 5, 5, 5, 10, 10]
+    assert _slots(1, 64) == 0  # one forward: nothing to carry side by side
 
 
 @torch.no_grad()
@@ -124,3 +153,17 @@ def test_the_blocks_that_ran_before_an_interruption_are_handed_out_when_the_trac
         with headscope.trace(tiny_sd3, maps=False, concepts=ConceptStream(tiny_sd3, WORDS, readers=[recorder])):
             generate_joint(tiny_sd3, PROMPTS, steps=STEPS, callback_on_step_end=stop)
     assert [where for where, _, _ in recorder.records] == [(0, 0, layer) for layer in range(n_layers)]
+
+
+def test_stacked_joins_evenly_spaced_views_without_a_copy_and_copies_anything_else():
+    room = torch.randn(3, 4, 2, 5)
+    parts = [room[0, slot] for slot in range(4)]
+    joined = stacked(parts)
+    assert torch.equal(joined, torch.stack(parts)) and joined.data_ptr() == room.data_ptr()  # a view
+    across = [room[layer, slot] for layer in range(3) for slot in range(4)]  # blocks one after another
+    assert torch.equal(stacked(across), torch.stack(across)) and stacked(across).data_ptr() == room.data_ptr()
+    for uneven in ([room[0, 0], room[0, 1], room[0, 3]], [room[0, 1], room[0, 0]], [room[0, 0], room[0, 0]],
+                   [room[0, 0], torch.randn(2, 5)], [room[0, 0]]):
+        result = stacked(uneven)
+        assert torch.equal(result, torch.stack(uneven))
+        assert result.data_ptr() != room.data_ptr() or len(uneven) == 1

@@ -31,6 +31,7 @@ from headscope.hrv.keys import ConceptTokens, encode_concepts, project_keys, wor
 from headscope.hrv.meta import prompt_seed
 from headscope.hrv.sampling import StepTables, word_table
 from headscope.processor import Hook, HookContext
+from headscope.stream_arena import stacked
 
 VOTE_BUDGET_BYTES = 64 * 2**20  # kept queries' storage beyond this is scored at once (read at call time)
 
@@ -146,7 +147,7 @@ class ConceptVotes(Hook):
         out the forward's blocks later (`headscope.stream.ConceptStream.flush`): the draw is kept for them."""
         key = (ctx.call, ctx.step)
         if key not in self._drawn:
-            self._drawn[key] = self._draw(ctx)
+            self._drawn.update(self._draw_ahead(ctx))
         positions, valid = self._drawn[key]  # [1, rows, concepts, longest]
         return positions[0].flatten(1), valid[0].flatten(1)
 
@@ -183,14 +184,17 @@ class ConceptVotes(Hook):
             groups.setdefault(shape, []).append(entry)
         self._kept, self._kept_bytes = [], 0
         for entries in groups.values():
+            # In memory order: the concept stream's records of a batch are then evenly spaced views of its
+            # arena, which `stacked` joins without copying them.
+            entries.sort(key=lambda entry: entry[2].data_ptr())
             layers = [layer for layer, _, _, _ in entries]
             steps = [step for _, step, _, _ in entries]
-            queries = torch.stack([query for _, _, query, _ in entries]).float()  # [calls, rows, heads, n_query, d]
+            queries = stacked([query for _, _, query, _ in entries]).float()  # [calls, rows, heads, n_query, d]
             tables, at = self._tables_of(layers, steps)  # at: [calls], each call's row of the joined tables
             if entries[0][3] is None:  # fixed keys, scaled already, stacked once per set of layers
-                stacked, layer_ids = self._stacked_keys([layer.index for layer in layers])
+                layer_keys, layer_ids = self._stacked_keys([layer.index for layer in layers])
                 # [calls, rows, heads, sampled, d]
-                chosen = stacked[layer_ids, :, tables.flat[at]].permute(0, 1, 3, 2, 4)
+                chosen = layer_keys[layer_ids, :, tables.flat[at]].permute(0, 1, 3, 2, 4)
             else:  # a joint block's own keys (the selected tokens, in table order), at the model's scale
                 chosen = torch.stack([keys for _, _, _, keys in entries]).float() * queries.shape[-1] ** -0.5
             # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
@@ -254,13 +258,20 @@ class ConceptVotes(Hook):
             self._votes[:n_steps] += counts[..., 1:].transpose(1, 2).cpu()
 
     def _draw(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's words: (positions, valid), each [draws, rows, concepts, longest]."""
-        choices = self._choices(ctx)  # [draws, rows, concepts]
+        """This step's words on a UNet: (positions, valid), each [draws, rows, concepts, longest]."""
+        choices = self._choices(ctx)[0]  # [draws, rows, concepts]
+        return self._positions[self._concepts, choices], self._valid[self._concepts, choices]
+
+    def _draw_ahead(self, ctx: HookContext) -> dict:
+        """Joint models: the words of this step and of the call's steps after it, drawn at once ({(call, step):
+        (positions, valid)}, each [1, rows, concepts, the step's longest chosen word]). The same words as
+        drawing step by step: each prompt's generator gives its values in the same order."""
+        ahead = max(1, (ctx.n_steps or 0) - ctx.step)
+        choices = self._choices(ctx, ahead)  # [ahead, 1, rows, concepts]
         positions, valid = self._positions[self._concepts, choices], self._valid[self._concepts, choices]
-        if self.keys is None:
-            longest = int(valid.sum(dim=-1).max())
-            positions, valid = positions[..., :longest], valid[..., :longest]
-        return positions, valid
+        longest = valid.sum(dim=-1).flatten(1).max(dim=1).values.tolist()
+        return {(ctx.call, ctx.step + number): (positions[number, ..., :width], valid[number, ..., :width])
+                for number, width in enumerate(longest)}
 
     def _step_tables(self, ctx: HookContext, device) -> StepTables:
         """The step's tables, made at its first layer call: its words drawn then on a UNet (per layer call),
@@ -271,7 +282,9 @@ class ConceptVotes(Hook):
             if self.keys is not None:  # a UNet's step starts: score the step before (keep one step's queries)
                 self._score_kept()
             drawn = self._drawn.pop((ctx.call, ctx.step), None)
-            positions, valid = drawn if drawn is not None else self._draw(ctx)
+            if drawn is None:  # a UNet's layer call (a joint forward's words were drawn by `select_tokens`)
+                drawn = self._draw(ctx) if self.keys is not None else self._draw_ahead(ctx)[(ctx.call, ctx.step)]
+            positions, valid = drawn
             if self.keys is None:  # a block's concept keys are the selection, in this order
                 positions = torch.arange(valid[0, 0].numel()).view(valid.shape[2:]).expand(valid.shape)
             self._tables[ctx.step] = StepTables.build(positions, valid, device)
@@ -291,22 +304,23 @@ class ConceptVotes(Hook):
             fresh[:self._buffer.shape[0]] = self._buffer
         self._buffer = fresh
 
-    def _choices(self, ctx: HookContext) -> torch.Tensor:
-        """The word sampled for each concept, per row: [draws, rows, concepts], draws = every layer call of the
-        step on a UNet, one for the whole forward on joint models (see the module docstring).
+    def _choices(self, ctx: HookContext, steps: int = 1) -> torch.Tensor:
+        """The word sampled for each concept, per row, at this step and the `steps` - 1 after it: [steps, draws,
+        rows, concepts], draws = every layer call of the step on a UNet, one for the whole forward on joint
+        models (see the module docstring).
 
-        Each prompt's generator draws one value per (draw, row of the prompt, concept), draw-major, which
-        on a UNet is the order of one draw per concept at every layer call.
+        Each prompt's generator draws one value per (step, draw, row of the prompt, concept), step- then
+        draw-major, which on a UNet is the order of one draw per concept at every layer call.
         """
         n_draws = self.n_layers if self.keys is not None else 1
         prompts = [ctx.layout.prompt_index(ctx.layout.image(row)) for row in ctx.rows]
         per_prompt = {prompt: prompts.count(prompt) for prompt in dict.fromkeys(prompts)}
-        draws = {prompt: torch.rand(n_draws, count, self.n_concepts, generator=self._generators[prompt],
+        draws = {prompt: torch.rand(steps, n_draws, count, self.n_concepts, generator=self._generators[prompt],
                                     dtype=torch.float64) for prompt, count in per_prompt.items()}
         seen = dict.fromkeys(per_prompt, 0)
         rows = []
         for prompt in prompts:
-            rows.append(draws[prompt][:, seen[prompt]])  # [draws, concepts]
+            rows.append(draws[prompt][:, :, seen[prompt]])  # [steps, draws, concepts]
             seen[prompt] += 1
-        draws = torch.stack(rows, dim=1)  # [draws, rows, concepts]
+        draws = rows[0][:, :, None] if len(rows) == 1 else torch.stack(rows, dim=2)  # [steps, draws, rows, concepts]
         return (draws * self.n_words).long().clamp(max=self.n_words.long() - 1)
