@@ -215,6 +215,8 @@ class HeadProcessor:
     def __init__(self, layer: LayerInfo, hooks: Hooks):
         self.layer = layer
         self.hooks = hooks
+        self._grids: dict[tuple, tuple[int, int]] = {}  # (latent hw, n_query) -> query hw
+        self._at: dict[tuple[int, int], LayerInfo] = {}  # query hw -> the layer at that resolution
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,13 +276,22 @@ class HeadProcessor:
                  text_keys: slice | None = None) -> HookContext:
         state = self.hooks.state
         layout = state.layout or BatchLayout(n_images=batch_size, cfg=False)
-        layer = self.layer if self.layer.resolution == query_hw else replace(self.layer, resolution=query_hw)
+        layer = self._at.get(query_hw)
+        if layer is None:  # made once per resolution: a layer call costs no dataclass copy
+            layer = self.layer if self.layer.resolution == query_hw else replace(self.layer, resolution=query_hw)
+            self._at[query_hw] = layer
         return HookContext(layer=layer, call=state.call, step=state.step, n_steps=state.n_steps,
                            layout=layout, latent_hw=state.latent_hw or query_hw, query_hw=query_hw,
                            rows=tuple(range(batch_size)), n_keys=n_keys, text_keys=text_keys)
 
     def _query_hw(self, n_query: int) -> tuple[int, int]:
-        """(h, w) of a flattened query grid of `n_query` positions."""
+        """(h, w) of a flattened query grid of `n_query` positions (worked out once per latent size)."""
+        key = (self.hooks.state.latent_hw, n_query)
+        if key not in self._grids:
+            self._grids[key] = self._grid(n_query)
+        return self._grids[key]
+
+    def _grid(self, n_query: int) -> tuple[int, int]:
         latent_hw = self.hooks.state.latent_hw
         if latent_hw is not None:
             height, width = resolution_at(self.layer.level, latent_hw)

@@ -335,20 +335,18 @@ class ConceptStream(Hook):
                               joined([entry.image.value for entry in kept]))
         result = self._steps[layer.index](self._blocks[layer.index], states, temb, image, outputs, key_mask, modulation)
         start = 0
+        keys, output = result.concept_key, result.concept_output  # [rows, heads, the widest forward's width, d]
         for forward, entry in zip(group, kept):
             stop = start + len(forward.rows)
-            output = result.concept_output
             if arena is None:
                 image_query, image_output = entry.image.query, entry.image.output
             else:
                 image_query = None if arena.query is None else arena.query[layer.index][forward.slot]
                 image_output = None if arena.output is None else arena.output[layer.index][forward.slot]
             records[id(forward)].append((entry.ctx, ConceptBlock(
-                image_query=image_query, image_output=image_output,
-                concept_key=result.concept_key[start:stop, :, :forward.width],
-                concept_output=None if output is None else output[start:stop, :, :forward.width],
-                selection=forward.selection)))
-            forward.states = None if result.states is None else result.states[start:stop, :forward.width]
+                image_query=image_query, image_output=image_output, concept_key=_part(keys, start, stop, forward),
+                concept_output=_part(output, start, stop, forward), selection=forward.selection)))
+            forward.carried = (result.states, start, stop)
             forward.next_layer = layer.index + 1
             start = stop
         carried[ids] = (result.states, key_mask)
@@ -381,6 +379,16 @@ class ConceptStream(Hook):
                 pieces.append(embeds[row, positions])
         weight = model.context_embedder.weight
         return model.context_embedder(torch.cat(pieces).to(device=weight.device, dtype=weight.dtype))
+
+
+def _part(tensor: torch.Tensor | None, start: int, stop: int, forward: Forward) -> torch.Tensor | None:
+    """A forward's rows and tokens of a block's [rows, heads, tokens, head_dim] carried side by side (the tensor
+    itself when it is all of it: no view to make)."""
+    if tensor is None:
+        return None
+    if start != 0 or stop != tensor.shape[0]:
+        tensor = tensor[start:stop]
+    return tensor if forward.width == tensor.shape[2] else tensor[:, :, :forward.width]
 
 
 def _slots(n_steps: int, most: int) -> int:

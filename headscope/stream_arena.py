@@ -68,10 +68,19 @@ class Forward:
     selection: TokenSelection | None = None
     key_mask: torch.Tensor | None = None  # [rows, width] bool; None when nothing is padded
     width: int = 0  # tokens carried per row
-    states: torch.Tensor | None = None  # [rows, width, dim] entering `next_layer`; None before the first block
+    # The states of the batch it was last carried in and its rows there (first, stop); None before the first block.
+    carried: tuple | None = None
     next_layer: int | None = None  # the next block to carry (None: no block has run yet)
     slot: int | None = None  # its place in the arena; None: carried block by block as it runs
     kept: list = field(default_factory=list)  # Kept, in block order
+
+    @property
+    def states(self) -> torch.Tensor | None:
+        """[rows, width, dim], its tokens' states entering `next_layer` (None before the first block)."""
+        if self.carried is None or self.carried[0] is None:
+            return None
+        states, start, stop = self.carried
+        return states[start:stop, :self.width]
 
 
 class Arena:
