@@ -38,11 +38,11 @@ outputs its readers read) into an arena while it is hot, and carries a block for
 arena at once, one batch of [forwards x rows] (`ConceptStream.flush`), when the arena is full and after
 the call's last step, the steps spread evenly over as few batches as fit. The arena is made once and
 kept while the stream lives, reused by every call of its traces, so a call allocates and keeps no image
-tensors of its own (an arena made for each trace had its pages faulted in anew every time, which cost
-the small Flux model five times the copies). The last block's image keys and values are not kept when
-no reader reads outputs (they would only carry the tokens on). Real-size models, of which fewer than two
-forwards fit, are carried block by block as they run. Readers get the records in the order the blocks
-ran, step by step.
+tensors of its own (an arena made for each trace had its pages faulted in anew every time, which made
+the small Flux model's copies about five times slower). The last block's image keys and values are not
+kept when no reader reads outputs (they would only carry the tokens on). Real-size models, of which
+fewer than two forwards fit, are carried block by block as they run. Readers get the records in the
+order the blocks ran, step by step.
 
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over L_img + T keys), i.e. about T / (rows x (L_img +
@@ -182,7 +182,24 @@ class ConceptStream(Hook):
     def wants_joint(self, ctx: HookContext) -> bool:
         return self._current is not None
 
+    @torch.no_grad()
     def read_joint(self, ctx: HookContext, tensors: JointTensors) -> None:
+        """A block's image side, as its attention ran: copied into the arena now, while hot, so that no view of
+        the attention's tensors outlives the call (the model frees them when it would without the stream);
+        kept as views to the block's end when it is carried at once (no arena)."""
+        forward = self._current
+        if ctx.rows != forward.rows:  # guidance: the conditional rows only
+            ctx = replace(ctx, rows=forward.rows)
+            rows = row_index(forward.rows)
+            tensors = JointTensors(query=tensors.query[rows], key=tensors.key[rows], value=tensors.value[rows],
+                                   output=tensors.output[rows])
+        if forward.next_layer is None:  # the forward's first block: its tokens, its place
+            forward.next_layer = ctx.layer.index
+            self._select(ctx, forward)
+            self._place(ctx, forward, tensors)
+        if forward.slot is not None:
+            self._arena.put(ctx.layer.index, forward.slot, tensors)
+            tensors = None
         self._captured[ctx.layer.index] = (ctx, tensors)
 
     # -- the stream ----------------------------------------------------------------------------
@@ -192,10 +209,9 @@ class ConceptStream(Hook):
         if self._current is not None:
             self._modulation[layer] = output
 
-    @torch.no_grad()
     def _after_block(self, layer: int, block, args, kwargs, output) -> None:
-        """Forward hook of a joint block: keep what the concept tokens need from it (copied into the arena
-        while hot, or views when the block is carried at once), for `flush`."""
+        """Forward hook of a joint block: keep its conditioning (and, without an arena, its image side) for
+        `flush`, and carry it at once when no arena is used."""
         entry = self._captured.pop(layer, None)
         forward = self._current
         if entry is None or forward is None:
@@ -203,19 +219,9 @@ class ConceptStream(Hook):
         ctx, image = entry
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
         modulation = self._modulation.pop(layer, None)
-        if ctx.rows != forward.rows:  # guidance: the conditional rows only
-            ctx = replace(ctx, rows=forward.rows)
+        if temb.shape[0] != len(forward.rows):  # guidance: the conditional rows only
             rows = row_index(forward.rows)
-            image = JointTensors(query=image.query[rows], key=image.key[rows], value=image.value[rows],
-                                 output=image.output[rows])
             temb, modulation = temb[rows], None if modulation is None else modulation[rows]
-        if forward.next_layer is None:  # the forward's first block: its tokens, its place
-            forward.next_layer = layer
-            self._select(ctx, forward)
-            self._place(ctx, forward, image)
-        if forward.slot is not None:
-            self._arena.put(layer, forward.slot, image)
-            image = None
         forward.kept.append(Kept(layer, ctx, image, temb, modulation))
         if forward.slot is None:
             self.flush()

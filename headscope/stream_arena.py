@@ -99,24 +99,22 @@ class Arena:
         shapes, kv_layers, self.slots, rows, self.length, room, dtype, device, queries, outputs = spec
 
         def room_for(extra, layers):
-            sizes = {shapes[layer] for layer in layers}
-            if len(sizes) == 1:  # one tensor, a view per block
-                (heads, head_dim), = sizes
+            if len({shapes[layer] for layer in layers}) == 1:  # one tensor, a view per block
+                heads, head_dim = shapes[layers[0]]
                 whole = torch.empty(len(layers), self.slots, rows, heads, self.length + extra, head_dim, dtype=dtype,
                                     device=device)
                 return {layer: whole[number] for number, layer in enumerate(layers)}
-            return {layer: torch.empty(self.slots, rows, *shapes[layer][:1], self.length + extra, shapes[layer][1],
+            return {layer: torch.empty(self.slots, rows, shapes[layer][0], self.length + extra, shapes[layer][1],
                                        dtype=dtype, device=device) for layer in layers}
         self.key, self.value = room_for(room, kv_layers), room_for(room, kv_layers)
         self.query = room_for(0, list(shapes)) if queries else None
         self.output = room_for(0, list(shapes)) if outputs else None
-        # Per block and slot, where each field of a JointTensors goes: views made once, so a put is copies only.
-        self._into = {layer: [[(name, room[layer][slot, :, :, :self.length] if name in ("key", "value")
-                                else room[layer][slot])
-                               for name, room in (("key", self.key), ("value", self.value), ("query", self.query),
-                                                  ("output", self.output))
-                               if room is not None and layer in room]
-                              for slot in range(self.slots)] for layer in shapes}
+        # Per block and slot, where each field of a JointTensors goes: views made once, so a put only copies.
+        self._into = {layer: [[] for _ in range(self.slots)] for layer in shapes}
+        for name in ("key", "value", "query", "output"):
+            for layer, whole in (getattr(self, name) or {}).items():
+                for slot, views in enumerate(self._into[layer]):
+                    views.append((name, whole[slot, :, :, :self.length] if name in ("key", "value") else whole[slot]))
 
     @staticmethod
     def bytes_per_slot(shapes: dict, kv_layers, rows: int, length: int, room: int, element: int, queries: bool,
