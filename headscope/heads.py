@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, NamedTuple
 
@@ -97,6 +98,22 @@ def resolution_at(level: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     for _ in range(level):
         height, width = -(-height // 2), -(-width // 2)
     return height, width
+
+
+def query_grid(n_query: int, level: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) of a flattened query grid of `n_query` positions at `level` of a latent of `latent_hw` (None:
+    unknown): the level's resolution when it has that many positions, else the latent's aspect at that count,
+    else a square, else one row."""
+    if latent_hw is not None:
+        height, width = resolution_at(level, latent_hw)
+        if height * width == n_query:
+            return height, width
+        factor = math.sqrt(latent_hw[0] * latent_hw[1] / n_query)
+        height, width = round(latent_hw[0] / factor), round(latent_hw[1] / factor)
+        if height * width == n_query:
+            return height, width
+    side = math.isqrt(n_query)
+    return (side, side) if side * side == n_query else (1, n_query)
 
 
 class HeadIndex:

@@ -43,13 +43,12 @@ writers of cross-attention are never called from self-attention layers.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from headscope.heads import LayerInfo, resolution_at
+from headscope.heads import LayerInfo, query_grid
 
 ROW_KINDS = ("cond", "uncond", "all")
 
@@ -288,21 +287,8 @@ class HeadProcessor:
         """(h, w) of a flattened query grid of `n_query` positions (worked out once per latent size)."""
         key = (self.hooks.state.latent_hw, n_query)
         if key not in self._grids:
-            self._grids[key] = self._grid(n_query)
+            self._grids[key] = query_grid(n_query, self.layer.level, self.hooks.state.latent_hw)
         return self._grids[key]
-
-    def _grid(self, n_query: int) -> tuple[int, int]:
-        latent_hw = self.hooks.state.latent_hw
-        if latent_hw is not None:
-            height, width = resolution_at(self.layer.level, latent_hw)
-            if height * width == n_query:
-                return height, width
-            factor = math.sqrt(latent_hw[0] * latent_hw[1] / n_query)
-            height, width = round(latent_hw[0] / factor), round(latent_hw[1] / factor)
-            if height * width == n_query:
-                return height, width
-        side = math.isqrt(n_query)
-        return (side, side) if side * side == n_query else (1, n_query)
 
 
 def attention_probs(attn, query: torch.Tensor, key: torch.Tensor,

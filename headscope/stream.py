@@ -267,23 +267,13 @@ class ConceptStream(Hook):
         if ctx.call != self._planned_call:
             self.flush()
             self._planned_call = ctx.call
-            queries = any(getattr(reader, "needs_queries", True) for reader in self.readers)
-            outputs = self._outputs_wanted
             shapes = {layer.index: (layer.heads, layer.head_dim) for layer in self.index.layers}
-            # The last block's image keys and values serve only to carry the concept tokens on (outputs).
-            kv_layers = tuple(shapes) if outputs else tuple(shapes)[:-1]
-            length, rows = image.key.shape[2], len(forward.rows)
-            per_slot = Arena.bytes_per_slot(shapes, kv_layers, rows, length, self._room, image.key.element_size(),
-                                             queries, outputs)
-            self._slots = _slots(ctx.n_steps or 0, STREAM_BUDGET_BYTES // per_slot)
-            if self._slots < 2:
-                self._slots, self._arena = 0, None
-            else:
-                spec = (shapes, kv_layers, self._slots, rows, length, self._room, image.key.dtype, image.key.device,
-                        queries, outputs)
-                if self._arena is None or self._arena.spec != spec:
-                    self._arena = None  # the old room goes before the new is made
-                    self._arena = Arena(spec)
+            queries = any(getattr(reader, "needs_queries", True) for reader in self.readers)
+            self._slots, spec = Arena.plan(shapes, ctx.n_steps or 0, len(forward.rows), image.key, self._room,
+                                           queries=queries, outputs=self._outputs_wanted, budget=STREAM_BUDGET_BYTES)
+            if spec is None or self._arena is None or self._arena.spec != spec:
+                self._arena = None  # the old room goes before the new is made
+                self._arena = None if spec is None else Arena(spec)
         if self._slots:
             forward.slot = sum(1 for other in self._forwards if other.slot is not None and other is not forward)
 
@@ -350,8 +340,8 @@ class ConceptStream(Hook):
                 image_query = None if arena.query is None else arena.query[layer.index][forward.slot]
                 image_output = None if arena.output is None else arena.output[layer.index][forward.slot]
             records[id(forward)].append((entry.ctx, ConceptBlock(
-                image_query=image_query, image_output=image_output, concept_key=_part(keys, start, stop, forward),
-                concept_output=_part(output, start, stop, forward), selection=forward.selection)))
+                image_query=image_query, image_output=image_output, concept_key=forward.part(keys, start, stop),
+                concept_output=forward.part(output, start, stop), selection=forward.selection)))
             forward.carried = (result.states, start, stop)
             forward.next_layer = layer.index + 1
             start = stop
@@ -385,26 +375,6 @@ class ConceptStream(Hook):
                 pieces.append(embeds[row, positions])
         weight = model.context_embedder.weight
         return model.context_embedder(torch.cat(pieces).to(device=weight.device, dtype=weight.dtype))
-
-
-def _part(tensor: torch.Tensor | None, start: int, stop: int, forward: Forward) -> torch.Tensor | None:
-    """A forward's rows and tokens of a block's [rows, heads, tokens, head_dim] carried side by side (the tensor
-    itself when it is all of it: no view to make)."""
-    if tensor is None:
-        return None
-    if start != 0 or stop != tensor.shape[0]:
-        tensor = tensor[start:stop]
-    return tensor if forward.width == tensor.shape[2] else tensor[:, :, :forward.width]
-
-
-def _slots(n_steps: int, most: int) -> int:
-    """Forwards side by side: as few batches as `most` per batch allows, the call's steps spread evenly over
-    them (10 steps, room for 6: two batches of 5, not 6 and 4, so the arena is no larger than it need be);
-    0 when fewer than two fit."""
-    if most < 2 or n_steps < 2:
-        return 0
-    batches = -(-n_steps // most)
-    return -(-n_steps // batches)
 
 
 def _entry_positions(pipe, backbone, entry: str, encoder: str, allow_unknown) -> list[int]:

@@ -74,6 +74,15 @@ class Forward:
     slot: int | None = None  # its place in the arena; None: carried block by block as it runs
     kept: list = field(default_factory=list)  # Kept, in block order
 
+    def part(self, tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+        """Its rows (start:stop) and tokens of a block's [rows, heads, tokens, head_dim] carried side by side:
+        the tensor itself when that is all of it (no view to make)."""
+        if tensor is None:
+            return None
+        if start != 0 or stop != tensor.shape[0]:
+            tensor = tensor[start:stop]
+        return tensor if self.width == tensor.shape[2] else tensor[:, :, :self.width]
+
     @property
     def states(self) -> torch.Tensor | None:
         """[rows, width, dim], its tokens' states entering `next_layer` (None before the first block)."""
@@ -115,6 +124,31 @@ class Arena:
             for layer, whole in (getattr(self, name) or {}).items():
                 for slot, views in enumerate(self._into[layer]):
                     views.append((name, whole[slot, :, :, :self.length] if name in ("key", "value") else whole[slot]))
+
+    @classmethod
+    def plan(cls, shapes: dict, n_steps: int, rows: int, key: torch.Tensor, room: int, *, queries: bool,
+             outputs: bool, budget: int) -> tuple[int, tuple | None]:
+        """(slots, spec) of a call's arena: as many of its forwards side by side as `budget` bytes hold, spread
+        (`spread`); (0, None) when fewer than two fit. `key` is a block's image keys [rows, heads, L_img,
+        head_dim] (size, dtype, device); without outputs the last block's image keys and values are left out
+        (they serve only to carry the concept tokens on)."""
+        kv_layers = tuple(shapes) if outputs else tuple(shapes)[:-1]
+        length = key.shape[2]
+        per_slot = cls.bytes_per_slot(shapes, kv_layers, rows, length, room, key.element_size(), queries, outputs)
+        slots = cls.spread(n_steps, budget // per_slot)
+        if not slots:
+            return 0, None
+        return slots, (shapes, kv_layers, slots, rows, length, room, key.dtype, key.device, queries, outputs)
+
+    @staticmethod
+    def spread(n_steps: int, most: int) -> int:
+        """Forwards side by side: as few batches as `most` per batch allows, the call's steps spread evenly over
+        them (10 steps, room for 6: two batches of 5, not 6 and 4, so the arena is no larger than it need be);
+        0 when fewer than two fit."""
+        if most < 2 or n_steps < 2:
+            return 0
+        batches = -(-n_steps // most)
+        return -(-n_steps // batches)
 
     @staticmethod
     def bytes_per_slot(shapes: dict, kv_layers, rows: int, length: int, room: int, element: int, queries: bool,

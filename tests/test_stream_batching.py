@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import headscope
-from headscope.stream import ConceptStream, _slots
-from headscope.stream_arena import stacked
+from headscope.stream import ConceptStream
+from headscope.stream_arena import Arena, stacked
 from headscope.testing_joint import generate_joint
 
 WORDS = ["red", "giraffe", "dog"]  # "giraffe" is two tokens with both tokenizers
@@ -123,8 +123,8 @@ def test_without_a_reader_of_outputs_the_last_block_keeps_no_image_keys_and_give
 
 
 def test_steps_spread_evenly_over_as_few_batches_as_the_budget_allows():
-    assert [_slots(10, most) for most in (0, 1, 2, 4, 5, 6, 9, 10, 64)] == [0, 0, 2, 4, 5, 5, 5, 10, 10]
-    assert _slots(1, 64) == 0  # one forward: nothing to carry side by side
+    assert [Arena.spread(10, most) for most in (0, 1, 2, 4, 5, 6, 9, 10, 64)] == [0, 0, 2, 4, 5, 5, 5, 10, 10]
+    assert Arena.spread(1, 64) == 0  # one forward: nothing to carry side by side
 
 
 @torch.no_grad()
