@@ -184,9 +184,11 @@ class ConceptVotes(Hook):
             groups.setdefault(shape, []).append(entry)
         self._kept, self._kept_bytes = [], 0
         for entries in groups.values():
-            # In memory order: the concept stream's records of a batch are then evenly spaced views of its
-            # arena, which `stacked` joins without copying them.
-            entries.sort(key=lambda entry: entry[2].data_ptr())
+            if entries[0][3] is not None:
+                # A joint block's records in memory order: those of a batch of the concept stream are then
+                # evenly spaced views of its arena, which `stacked` joins without copying them. (A UNet's
+                # keep their run order, in which the layers' head ids are cached.)
+                entries.sort(key=lambda entry: entry[2].data_ptr())
             layers = [layer for layer, _, _, _ in entries]
             steps = [step for _, step, _, _ in entries]
             queries = stacked([query for _, _, query, _ in entries]).float()  # [calls, rows, heads, n_query, d]
