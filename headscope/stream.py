@@ -38,11 +38,11 @@ outputs its readers read) into an arena while it is hot, and carries a block for
 arena at once, one batch of [forwards x rows] (`ConceptStream.flush`), when the arena is full and after
 the call's last step, the steps spread evenly over as few batches as fit. The arena is made once and
 kept while the stream lives, reused by every call of its traces, so a call allocates and keeps no image
-tensors of its own (an arena made for each trace had its pages faulted in anew every time, which made
-the small Flux model's copies about five times slower). The last block's image keys and values are not
-kept when no reader reads outputs (they would only carry the tokens on). Real-size models, of which
-fewer than two forwards fit, are carried block by block as they run. Readers get the records in the
-order the blocks ran, step by step.
+tensors of its own (an arena made for each trace had its pages faulted in anew every time, most of what
+the copies cost on the small models). The last block's image keys and values are not kept when no
+reader reads outputs (they would only carry the tokens on). Real-size models, of which fewer than two
+forwards fit, are carried block by block as they run. Readers get the records in the order the blocks
+ran, step by step.
 
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over L_img + T keys), i.e. about T / (rows x (L_img +
