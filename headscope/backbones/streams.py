@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -89,17 +88,19 @@ class ImageSide:
 def _one_way_attention(query, key, value, image: ImageSide, key_mask=None) -> torch.Tensor:
     """Concept queries over [image keys; concept keys] and their values: [rows, heads, tokens, head_dim].
 
-    PyTorch's SDPA in the heads-first layout, as JointAttnProcessor2_0 calls it, for Flux too: Flux's
-    default dispatch backend is that same call (a user's flash / sage backend would only change the
-    kernel, and this attention is off the image's path). key_mask: [rows, tokens] bool, False on concept
-    keys no query may see; image keys stay visible, so a padded query still has keys to attend to.
+    Softmax attention written out (scaled scores, softmax over keys, weighted values), which is what the
+    blocks' SDPA computes: with a handful of concept queries against hundreds of keys, two batched matmuls
+    cost less than SDPA's blocked kernel on a CPU (this attention is off the image's path, so a user's
+    flash / sage backend has nothing to do here). key_mask: [rows, tokens] bool, False on concept keys no
+    query may see; image keys stay visible, so a padded query still has keys to attend to.
     """
     keys, values = image.joined(key, value)
-    mask = None
+    scores = torch.matmul(query * query.shape[-1] ** -0.5, keys.transpose(-1, -2))  # [rows, heads, tokens, keys]
     if key_mask is not None:
-        image_visible = key_mask.new_ones(key_mask.shape[0], keys.shape[2] - key.shape[2])
-        mask = torch.cat([image_visible, key_mask], dim=1)[:, None, None, :]  # [rows, 1, 1, L_img + tokens]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        hidden = ~key_mask[:, None, None, :]  # [rows, 1, 1, tokens]: the concept part of the keys
+        scores[..., keys.shape[2] - key.shape[2]:] = scores[..., keys.shape[2] - key.shape[2]:].masked_fill(
+            hidden, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype), values)  # half: softmax in fp32
 
 
 def adaptive_norm(norm, states, temb, modulation=None):
