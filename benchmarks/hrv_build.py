@@ -28,6 +28,9 @@ for SD3, 512 T5 for Flux) with the HRV paper's 34 concepts (340 words, each word
 are in the real vocabularies), --real-side pixels (SD3: 2x2 patches of the 8x-down latent; 512 px =
 1,024 image tokens), the overhead arms only (a throughput build at this size takes hours on a CPU).
 The probe costs per block, so its ratio over the kept blocks is the whole model's at that size.
+--stream-budgets 0,4,16 adds probe arms on the joint models whose concept streams' arenas hold at most
+that many MiB (0: no arena, every block carried as it runs), interleaved with the others: what the
+arena's size does to the probe's cost (the default arena, STREAM_BUDGET_BYTES, holds 128 MiB).
 --flops also counts each arm's FLOPs in one generation after the warm-up (torch's FlopCounterMode: matmuls,
 convolutions and attention, the CPU flash-attention kernel included): the probe's cost where arithmetic
 dominates (an accelerator at real size), free of the machine's noise; --repeats 0 --flops counts only.
@@ -48,6 +51,7 @@ from headscope.backbones import backbone_for
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadIndex
 from headscope.models import call_defaults
+from headscope.stream import STREAM_BUDGET_BYTES
 
 ARMS = ("plain", "traced", "probe")
 JOINT_TEXT = 24  # T5 tokens per prompt, as the shapes MMDiT is trained
@@ -118,7 +122,20 @@ def options():
     parser.add_argument("--real", default=None, type=_real_models, metavar="sd3-medium,flux-dev",
                         help="also measure real-size joint backbones (see above), in this process")
     parser.add_argument("--real-side", default=512, type=int, help="image side in pixels of the real-size runs")
+    parser.add_argument("--stream-budgets", default=[], type=_budgets, metavar="0,4,16",
+                        help="joint models: more probe arms, each with a concept stream of its own whose arena holds "
+                             "at most this many MiB (0: every block carried as it runs), interleaved with the others")
     return parser
+
+
+def _budgets(value: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or any(budget < 0 for budget in budgets):
+        raise argparse.ArgumentTypeError(f"{value!r}: give arena budgets in MiB, 0 or more, e.g. 0,4,16")
+    return budgets
 
 
 def _real_models(value: str) -> list[str]:
@@ -245,8 +262,12 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
     from headscope.hrv import concept_reader
 
     index = HeadIndex.from_model(pipe)
-    reader, stream = concept_reader(pipe, index, concept_set, args.steps)
-    probe = {"hooks": [reader]} if stream is None else {"hooks": [], "concepts": stream}
+    probes = {"probe": concept_reader(pipe, index, concept_set, args.steps)}
+    if probes["probe"][1] is not None:  # a joint model: the other arena budgets, each a stream (and arena) of its own
+        for budget in args.stream_budgets:
+            probes[budget_arm(budget)] = concept_reader(pipe, index, concept_set, args.steps)
+            probes[budget_arm(budget)][1].budget = int(budget * 2**20)
+    arms = ARMS + tuple(arm for arm in probes if arm != "probe")
 
     def run(arm: str) -> float:
         generator = torch.Generator("cpu").manual_seed(0)
@@ -254,15 +275,20 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         start = time.perf_counter()
         if arm == "plain":
             pipe(prompt, **call)
+        elif arm == "traced":
+            with headscope.trace(pipe, maps=False, hooks=[]):
+                pipe(prompt, **call)
         else:
+            reader, stream = probes[arm]
             reader.begin(list(range(len(prompt))))
-            with headscope.trace(pipe, maps=False, **(probe if arm == "probe" else {"hooks": []})):
+            with headscope.trace(pipe, maps=False, **({"hooks": [reader]} if stream is None else
+                                                      {"hooks": [], "concepts": stream})):
                 pipe(prompt, **call)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for arm in ARMS:  # warm-up: the concept stream encodes its words once, at its first call
+    for arm in arms:  # warm-up: the concept stream encodes its words once, at its first call
         run(arm)
     flops = {arm: count_flops(run, arm) for arm in ARMS} if args.flops else {}
     counted = {} if not flops else {
@@ -270,22 +296,32 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         "traced_flops_over_plain": round(flops["traced"] / flops["plain"], 4)}
     if args.repeats == 0:
         return {**counted, "repeats": 0, "arm_prompts": len(prompt)}
-    runs = {arm: [] for arm in ARMS}
+    runs = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
-        order = ARMS[repeat % 3:] + ARMS[:repeat % 3]
+        order = arms[repeat % len(arms):] + arms[:repeat % len(arms)]
         for arm in order:
             runs[arm].append(run(arm))
     medians = {arm: statistics.median(times) for arm, times in runs.items()}
     # Each repeat runs the three arms back to back: the median of the per-repeat ratios cancels drift
     # between repeats (other tenants of a shared machine) that the ratio of medians keeps.
-    paired = {arm: statistics.median(a / b for a, b in zip(runs[arm], runs["plain"])) for arm in ("traced", "probe")}
+    paired = {arm: statistics.median(a / b for a, b in zip(runs[arm], runs["plain"])) for arm in arms[1:]}
+    budgets = [{"budget_mib": budget, "slots": probes[budget_arm(budget)][1].slots,
+                "median_seconds": round(medians[budget_arm(budget)], 4),
+                "probe_over_plain": round(medians[budget_arm(budget)] / medians["plain"], 3),
+                "paired_probe_over_plain": round(paired[budget_arm(budget)], 3)}
+               for budget in args.stream_budgets if budget_arm(budget) in probes]
     return {"median_seconds": {arm: round(value, 4) for arm, value in medians.items()},
             "probe_over_plain": round(medians["probe"] / medians["plain"], 3),
             "traced_over_plain": round(medians["traced"] / medians["plain"], 3),
             "paired_probe_over_plain": round(paired["probe"], 3),
             "paired_traced_over_plain": round(paired["traced"], 3),
             "seconds": {arm: [round(value, 4) for value in times] for arm, times in runs.items()},
-            "repeats": args.repeats, "arm_prompts": len(prompt), **counted}
+            "repeats": args.repeats, "arm_prompts": len(prompt), **counted,
+            **({"slots": probes["probe"][1].slots, "budget_arms": budgets} if budgets else {})}
+
+
+def budget_arm(budget: float) -> str:
+    return f"probe, arena <= {budget:g} MiB"
 
 
 def count_flops(run, arm: str) -> int:
@@ -335,6 +371,13 @@ def table(result: dict) -> str:
                  ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}"),
                  ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
                                                        f"probe x{result['paired_probe_over_plain']}")]
+        if "budget_arms" in result:
+            rows.append((f"probe's arena ({STREAM_BUDGET_BYTES / 2**20:g} MiB)",
+                         f"{result['slots']} forwards side by side"))
+        for arm in result.get("budget_arms", []):
+            rows.append((budget_arm(arm["budget_mib"]), f"{arm['median_seconds']:.4f} s  x{arm['probe_over_plain']}, "
+                                                        f"paired x{arm['paired_probe_over_plain']} ({arm['slots']} "
+                                                        "forwards side by side; 0: block by block)"))
     if "flops" in result:
         rows.append(("FLOPs per generation, probe / plain", f"x{result['probe_flops_over_plain']} "
                                                             f"({result['flops']['plain']:.3g} plain)"))

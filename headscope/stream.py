@@ -68,8 +68,9 @@ from headscope.stream_arena import Arena, ConceptBlock, Forward, Kept, TokenSele
 
 _CHUNK = 64  # entries per encode_prompt call
 STREAM_BUDGET_BYTES = 128 * 2**20
-"""Most bytes of the arena that keeps a call's forwards for carrying side by side (read when a call starts).
-When fewer than two forwards fit (real-size models), each block is carried as it runs."""
+"""Most bytes of the arena that keeps a call's forwards for carrying side by side (read when a call starts),
+for streams whose `budget` is None. When fewer than two forwards fit (real-size models), each block is carried
+as it runs."""
 
 
 class ConceptStream(Hook):
@@ -81,7 +82,9 @@ class ConceptStream(Hook):
     `start_call(state)`, `records_done()` (called after each batch of records), `needs_outputs = False`
     when they read no outputs, `needs_queries = False` when they read no image queries, and
     `select_tokens(ctx) -> (index, valid)` to choose each forward's tokens, at most `max_tokens` per row
-    (default `n_tokens`): see the module docstring; every reader then gets the selected tokens).
+    (default `n_tokens`): see the module docstring; every reader then gets the selected tokens), `budget`
+    (the arena's most bytes; None, the default: `STREAM_BUDGET_BYTES`; 0: block by block) and `slots`
+    (forwards the current call carries side by side; 0: block by block).
     HeadscopeError on a UNet (no text stream), an unknown word, an empty entry, and, when the trace starts,
     a second reader with `select_tokens`.
     """
@@ -118,8 +121,8 @@ class ConceptStream(Hook):
         self._current: Forward | None = None  # the forward running now, when it has conditional rows
         self._forwards: list[Forward] = []  # forwards with kept blocks not carried yet (and the current one)
         self._arena: Arena | None = None  # kept while the stream lives, reused by every call of its traces
-        self._planned_call: int | None = None  # the call whose forwards `_slots` was chosen for
-        self._slots = 0  # forwards carried side by side in this call (0: block by block)
+        self._planned_call: int | None = None  # the call whose forwards `slots` was chosen for
+        self.slots, self.budget = 0, None  # see the class docstring
         self._captured: dict[int, tuple[HookContext, JointTensors]] = {}
         self._modulation: dict[int, torch.Tensor] = {}  # per block: its text norm's linear(silu(temb)), all rows
 
@@ -233,7 +236,7 @@ class ConceptStream(Hook):
         state, forward = self._state, self._current
         if forward is None or forward.slot is None:
             return
-        if state.n_steps is None or state.step >= state.n_steps - 1 or forward.slot == self._slots - 1:
+        if state.n_steps is None or state.step >= state.n_steps - 1 or forward.slot == self.slots - 1:
             self.flush()
 
     def _select(self, ctx: HookContext, forward: "Forward") -> None:
@@ -263,18 +266,19 @@ class ConceptStream(Hook):
 
     def _place(self, ctx: HookContext, forward: "Forward", image: JointTensors) -> None:
         """A forward's slot in the arena, the arena made (or kept) at a call's first forward for as many of
-        the call's forwards as STREAM_BUDGET_BYTES holds; none (block by block) when fewer than two fit."""
+        the call's forwards as the budget holds; none (block by block) when fewer than two fit."""
         if ctx.call != self._planned_call:
             self.flush()
             self._planned_call = ctx.call
             shapes = {layer.index: (layer.heads, layer.head_dim) for layer in self.index.layers}
             queries = any(getattr(reader, "needs_queries", True) for reader in self.readers)
-            self._slots, spec = Arena.plan(shapes, ctx.n_steps or 0, len(forward.rows), image.key, self._room,
-                                           queries=queries, outputs=self._outputs_wanted, budget=STREAM_BUDGET_BYTES)
+            budget = STREAM_BUDGET_BYTES if self.budget is None else self.budget
+            self.slots, spec = Arena.plan(shapes, ctx.n_steps or 0, len(forward.rows), image.key, self._room,
+                                          queries=queries, outputs=self._outputs_wanted, budget=budget)
             if spec is None or self._arena is None or self._arena.spec != spec:
                 self._arena = None  # the old room goes before the new is made
                 self._arena = None if spec is None else Arena(spec)
-        if self._slots:
+        if self.slots:
             forward.slot = sum(1 for other in self._forwards if other.slot is not None and other is not forward)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """benchmarks/hrv_build.py's FLOP counts: the CPU attention kernel is counted, tracing without hooks adds no
-arithmetic, the vote probe adds some, and --repeats 0 counts without timing (only with --flops)."""
+arithmetic, the vote probe adds some, and --repeats 0 counts without timing (only with --flops); the arena
+budget arms (--stream-budgets) run with streams of their own budgets."""
 import argparse
 
 import pytest
@@ -25,12 +26,22 @@ def test_the_cpu_attention_kernel_is_counted(hrv_build):
 
 @torch.no_grad()
 def test_tracing_adds_no_flops_and_the_probe_adds_its_streams(hrv_build, tiny_flux):
-    args = argparse.Namespace(steps=2, repeats=0, flops=True)
+    args = argparse.Namespace(steps=2, repeats=0, flops=True, stream_budgets=[])
     counted = hrv_build.time_arms(tiny_flux, CONCEPTS, ["a red dog"], CALL, args)
     assert set(counted) == {"flops", "probe_flops_over_plain", "traced_flops_over_plain", "repeats", "arm_prompts"}
     flops = counted["flops"]
     assert flops["traced"] == flops["plain"] and flops["probe"] > flops["plain"]
     assert counted["probe_flops_over_plain"] == round(flops["probe"] / flops["plain"], 4)
+
+
+@torch.no_grad()
+def test_budget_arms_carry_with_their_own_arenas(hrv_build, tiny_flux):
+    args = argparse.Namespace(steps=3, repeats=1, flops=False, stream_budgets=[0, 2**20])
+    timed = hrv_build.time_arms(tiny_flux, CONCEPTS, ["a red dog"], CALL, args)
+    assert timed["slots"] == 3  # the default arena holds every step of this tiny model
+    assert [(arm["budget_mib"], arm["slots"]) for arm in timed["budget_arms"]] == [(0, 0), (2**20, 3)]
+    assert set(timed["median_seconds"]) == {"plain", "traced", "probe", hrv_build.budget_arm(0),
+                                            hrv_build.budget_arm(2**20)}
 
 
 def test_repeats_zero_needs_flops(hrv_build, capsys):

@@ -65,16 +65,17 @@ def test_the_stream_hands_out_a_call_by_its_end_and_holds_no_more_than_its_budge
     handle = tiny_flux.transformer.register_forward_pre_hook(lambda *_: arrived.append(len(recorder.records)))
     n_layers = headscope.HeadIndex.from_model(tiny_flux).n_layers
 
-    def run(budget):
-        monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", budget)
+    def run(budget, own=False):  # own: the stream's budget, over a module budget that holds every forward
+        monkeypatch.setattr("headscope.stream.STREAM_BUDGET_BYTES", 2**40 if own else budget)
         arrived.clear()
         recorder.records.clear()
         stream = ConceptStream(tiny_flux, WORDS, readers=[recorder])
+        stream.budget = budget if own else None
         with headscope.trace(tiny_flux, maps=False, concepts=stream):
             generate_joint(tiny_flux, PROMPTS, steps=STEPS)
             assert len(recorder.records) == STEPS * n_layers  # by the call's end, inside the trace
             assert stream._forwards == []
-            return stream._slots, (arena_bytes(stream) if stream._arena is not None else 0)
+            return stream.slots, (arena_bytes(stream) if stream._arena is not None else 0)
 
     try:
         slots, held = run(2**40)
@@ -83,6 +84,8 @@ def test_the_stream_hands_out_a_call_by_its_end_and_holds_no_more_than_its_budge
         assert run(2 * per_forward) == (2, 2 * per_forward)  # two fit: carried after the second forward
         assert arrived == [0, 0, 2 * n_layers]
         assert run(2 * per_forward - 1) == (0, 0)  # fewer than two fit: block by block, as they run
+        assert arrived == [step * n_layers for step in range(STEPS)]
+        assert run(2 * per_forward, own=True) == (2, 2 * per_forward) and run(0, own=True) == (0, 0)
         assert arrived == [step * n_layers for step in range(STEPS)]
     finally:
         handle.remove()
