@@ -375,9 +375,9 @@ def table(result: dict) -> str:
             rows.append((f"probe's arena ({STREAM_BUDGET_BYTES / 2**20:g} MiB)",
                          f"{result['slots']} forwards side by side"))
         for arm in result.get("budget_arms", []):
+            carried = f"{arm['slots']} forwards side by side" if arm["slots"] else "block by block"
             rows.append((budget_arm(arm["budget_mib"]), f"{arm['median_seconds']:.4f} s  x{arm['probe_over_plain']}, "
-                                                        f"paired x{arm['paired_probe_over_plain']} ({arm['slots']} "
-                                                        "forwards side by side; 0: block by block)"))
+                                                        f"paired x{arm['paired_probe_over_plain']} ({carried})"))
     if "flops" in result:
         rows.append(("FLOPs per generation, probe / plain", f"x{result['probe_flops_over_plain']} "
                                                             f"({result['flops']['plain']:.3g} plain)"))
