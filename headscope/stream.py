@@ -68,9 +68,8 @@ from headscope.stream_arena import Arena, ConceptBlock, Forward, Kept, TokenSele
 
 _CHUNK = 64  # entries per encode_prompt call
 STREAM_BUDGET_BYTES = 128 * 2**20
-"""Most bytes of the arena that keeps a call's forwards for carrying side by side (read when a call starts),
-for streams whose `budget` is None. When fewer than two forwards fit (real-size models), each block is carried
-as it runs."""
+"""Most bytes of the arena of a call's forwards carried side by side, for streams whose `budget` is None (read
+when a call starts). When fewer than two forwards fit (real-size models), each block is carried as it runs."""
 
 
 class ConceptStream(Hook):
