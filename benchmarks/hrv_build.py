@@ -302,7 +302,7 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         for arm in order:
             runs[arm].append(run(arm))
     medians = {arm: statistics.median(times) for arm, times in runs.items()}
-    # Each repeat runs the three arms back to back: the median of the per-repeat ratios cancels drift
+    # Each repeat runs the arms back to back: the median of the per-repeat ratios cancels drift
     # between repeats (other tenants of a shared machine) that the ratio of medians keeps.
     paired = {arm: statistics.median(a / b for a, b in zip(runs[arm], runs["plain"])) for arm in arms[1:]}
     budgets = [{"budget_mib": budget, "slots": probes[budget_arm(budget)][1].slots,

@@ -96,10 +96,8 @@ def _one_way_attention(query, key, value, image: ImageSide, key_mask=None) -> to
     """
     keys, values = image.joined(key, value)
     scores = torch.matmul(query * query.shape[-1] ** -0.5, keys.transpose(-1, -2))  # [rows, heads, tokens, keys]
-    if key_mask is not None:
-        hidden = ~key_mask[:, None, None, :]  # [rows, 1, 1, tokens]: the concept part of the keys
-        scores[..., keys.shape[2] - key.shape[2]:] = scores[..., keys.shape[2] - key.shape[2]:].masked_fill(
-            hidden, float("-inf"))
+    if key_mask is not None:  # the concept part of the scores, [rows, heads, tokens, tokens]
+        scores[..., keys.shape[2] - key.shape[2]:].masked_fill_(~key_mask[:, None, None, :], float("-inf"))
     return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype), values)  # half: softmax in fp32
 
 
