@@ -135,7 +135,7 @@ def _budgets(value: str) -> list[float]:
         budgets = []
     if not budgets or any(budget < 0 for budget in budgets):
         raise argparse.ArgumentTypeError(f"{value!r}: give arena budgets in MiB, 0 or more, e.g. 0,4,16")
-    return budgets
+    return list(dict.fromkeys(budgets))  # one arm per budget
 
 
 def _real_models(value: str) -> list[str]:
