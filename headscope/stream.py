@@ -47,8 +47,8 @@ ran, step by step.
 Cost per block: the text stream's work for the carried tokens of the conditional rows (projections
 and MLP of T tokens, attention of T queries over L_img + T keys), i.e. about T / (rows x (L_img +
 L_txt)) of the block's projections and MLP, in one batch for the arena's forwards. T is every entry's
-tokens, or with a selection T_sel: for HRV votes the concepts x the longest chosen word's tokens (per
-forward, over the batch's rows), not every word of the set (shapes: 23 tokens; hrv34: 340).
+tokens, or with a selection T_sel: for HRV votes the tokens of one chosen word per concept (the most any
+row of the forward chose), not every word of the set (shapes: 23 tokens; hrv34: 340).
 """
 from __future__ import annotations
 

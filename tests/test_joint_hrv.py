@@ -75,12 +75,14 @@ def test_votes_of_one_step_match_a_softmax_over_the_blocks_concept_keys(family, 
     draws = torch.rand(1, 1, 3, generator=generator, dtype=torch.float64)[0, 0]  # one draw per step and row
     sampled = [CONCEPTS.concepts[name][int(u * len(CONCEPTS.concepts[name]))]
                for name, u in zip(CONCEPTS.names, draws.tolist())]
-    longest = max(spans[word][1] - spans[word][0] for word in sampled)
-    positions = torch.arange(3 * longest).view(1, 3, longest)  # the block's keys are the sampled words' tokens
-    valid = torch.zeros(1, 3, longest, dtype=torch.bool)
-    for concept, word in enumerate(sampled):
-        start, stop = spans[word]
-        valid[0, concept, :stop - start] = True
+    lengths = [spans[word][1] - spans[word][0] for word in sampled]
+    assert sampled[1] == "giraffe" and max(lengths) == 2  # this seed: a two-token word among one-token ones
+    # The block's keys are the sampled words' tokens one after another: word c's start at the sum of those before.
+    positions = torch.zeros(1, 3, 2, dtype=torch.long)
+    valid = torch.zeros(1, 3, 2, dtype=torch.bool)
+    for concept, length in enumerate(lengths):
+        positions[0, concept, :length] = sum(lengths[:concept]) + torch.arange(length)
+        valid[0, concept, :length] = True
     carried = torch.cat([torch.arange(*spans[word]) for word in sampled])
     for layer in index.layers:
         block = recorder.blocks[layer.index]

@@ -137,14 +137,31 @@ def test_a_prompts_votes_are_the_same_built_alone_or_batched_with_another(family
     assert torch.equal(batched, alone)
 
 
-def test_the_stream_carries_concepts_times_the_longest_chosen_word_not_every_word(tiny_flux):
+def test_the_stream_carries_each_rows_chosen_tokens_packed_not_every_word(tiny_flux):
     concepts = ConceptSet("tiny", {"color": ["red", "blue"], "animal": ["dog", "giraffe", "cat"]})
     selections = Selections()
     vote(tiny_flux, PROMPTS, [0, 1], concepts, selections)
-    giraffe = 3  # tokens: red, blue, dog, gir, affe, cat
+    giraffe = (3, 4)  # tokens: red, blue, dog, gir, affe, cat
     for selection in selections.seen.values():
-        longest = 2 if bool((selection.index[selection.valid] == giraffe).any()) else 1
-        assert selection.index.shape == (2, 2 * longest)  # of the stream's 6 tokens
+        chose = [bool((row == giraffe[0]).any()) for row in selection.index]
+        # a color and an animal per row, one after another: 2 tokens, 3 with giraffe, padded at the end only
+        assert selection.index.shape == (2, 3 if any(chose) else 2)  # of the stream's 6 tokens
+        for row, giraffe_chosen in zip(range(2), chose):
+            real = selection.index[row][selection.valid[row]].tolist()
+            assert len(real) == (3 if giraffe_chosen else 2)
+            assert real[0] in (0, 1) and (real[1:] == list(giraffe) if giraffe_chosen else real[1] in (2, 5))
+            assert selection.valid[row].tolist() == sorted(selection.valid[row].tolist(), reverse=True)
+
+
+def test_packed_positions_point_at_each_words_own_tokens():
+    from headscope.hrv.sampling import packed_positions
+
+    valid = torch.tensor([[[True, False], [True, True], [True, False]],  # words of 1, 2 and 1 tokens
+                          [[True, False], [True, False], [True, False]]])  # [rows, concepts, longest]
+    positions = packed_positions(valid)
+    assert positions[0][valid[0]].tolist() == [0, 1, 2, 3]
+    assert positions[1][valid[1]].tolist() == [0, 1, 2]
+    assert bool((positions >= 0).all()) and bool((positions < 4).all())
 
 
 def test_a_second_selecting_reader_is_refused_and_the_pipeline_left_untraced(tiny_sd3):

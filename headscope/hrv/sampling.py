@@ -15,8 +15,8 @@ class StepTables:
     bias: [layers, rows, 1, sampled, 1] 0 on real tokens, -inf on padding; None when no word is padded.
     mean: [layers, rows, sampled, concepts] 1/len(word) on a word's tokens; None when every word is one token.
     On joint models one draw serves every block: layers is 1 (the tables broadcast over blocks), and
-    flat is arange over the selection (a block's concept keys are the selected tokens, in this order;
-    longest = the longest chosen word).
+    flat points into the selection, whose tokens are the chosen words' one after another
+    (`packed_positions`; longest = the longest chosen word).
     """
 
     flat: torch.Tensor
@@ -69,3 +69,12 @@ def word_table(spans: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.
             positions[concept, word, :stop - start] = torch.arange(start, stop)
             valid[concept, word, :stop - start] = True
     return positions, valid
+
+
+def packed_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Where each chosen word's tokens lie when a row's real tokens are packed one after another in slot order:
+    valid [..., rows, concepts, longest] -> positions, the same shape (the number of real slots before each
+    real slot of its row; padding slots get their row's last real position before them, or 0, and are
+    hidden by the tables' bias)."""
+    flat = valid.flatten(-2)
+    return (flat.cumsum(dim=-1) - 1).clamp_min(0).view(valid.shape)

@@ -17,9 +17,9 @@ row), the same for every block of that denoiser forward: a block's concept keys 
 stream as it stands there, so a token must be carried from the first block for its keys to exist in
 a later one, and a choice per block would force carrying every word of the set. The concept stream
 (`headscope.stream`) asks the reader for that choice (`select_tokens`) and carries only it: per row,
-the concepts x the longest chosen word's tokens (padding hidden from attention), instead of every word
-of the set (the shapes set: 23 tokens; hrv34: 340). Draws come from each prompt's own generator either
-way, so a prompt's votes do not depend on the batch it is built in.
+the chosen words' tokens one after another, padded at the end to the row with the most (padding hidden
+from attention), instead of every word of the set (the shapes set: 23 tokens; hrv34: 340). Draws come
+from each prompt's own generator either way, so a prompt's votes do not depend on the batch it is built in.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from headscope.concepts import ConceptSet
 from headscope.heads import HeadIndex
 from headscope.hrv.keys import ConceptTokens, encode_concepts, project_keys, word_spans
 from headscope.hrv.meta import prompt_seed
-from headscope.hrv.sampling import StepTables, word_table
+from headscope.hrv.sampling import StepTables, packed_positions, word_table
 from headscope.processor import Hook, HookContext
 from headscope.stream_arena import stacked
 
@@ -142,14 +142,21 @@ class ConceptVotes(Hook):
 
     def select_tokens(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint models: the stream's tokens to carry through this forward, one sampled word per concept and
-        row: (index [rows, concepts x longest chosen word] long into the stream's tokens, valid, the same
-        shape, False on padding). Asked by the concept stream at the forward's first block, which may hand
-        out the forward's blocks later (`headscope.stream.ConceptStream.flush`): the draw is kept for them."""
+        row: (index [rows, the most tokens a row chose] long into the stream's tokens, valid, the same shape,
+        False on padding). A row's words lie one after another in concept order (`packed_positions` says
+        where), so a two-token word adds one token, not one per concept; only rows that chose fewer
+        tokens than another are padded, at their end. Asked by the concept stream at the forward's first
+        block, which may hand out the forward's blocks later (`headscope.stream.ConceptStream.flush`): the
+        draw is kept for them."""
         key = (ctx.call, ctx.step)
         if key not in self._drawn:
             self._drawn.update(self._draw_ahead(ctx))
         positions, valid = self._drawn[key]  # [1, rows, concepts, longest]
-        return positions[0].flatten(1), valid[0].flatten(1)
+        positions, valid = positions[0].flatten(1), valid[0].flatten(1)
+        # A stable sort puts each row's real slots first, in slot order: where `packed_positions` puts them.
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+        width = int(valid.sum(dim=1).max())
+        return positions.gather(1, order)[:, :width], valid.gather(1, order)[:, :width]
 
     @property
     def max_tokens(self) -> int:
@@ -197,8 +204,11 @@ class ConceptVotes(Hook):
                 layer_keys, layer_ids = self._stacked_keys([layer.index for layer in layers])
                 # [calls, rows, heads, sampled, d]
                 chosen = layer_keys[layer_ids, :, tables.flat[at]].permute(0, 1, 3, 2, 4)
-            else:  # a joint block's own keys (the selected tokens, in table order), at the model's scale
+            else:  # a joint block's own keys (the selected tokens, packed), at the model's scale
                 chosen = torch.stack([keys for _, _, _, keys in entries]).float() * queries.shape[-1] ** -0.5
+                if tables.mean is not None:  # words of several tokens: each table slot's key (else one per slot)
+                    flat = tables.flat[at][:, :, None, :, None]  # [calls, rows, 1, sampled, 1]
+                    chosen = chosen.gather(3, flat.expand(*chosen.shape[:3], flat.shape[3], chosen.shape[-1]))
             # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
             # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
             logits = torch.matmul(chosen, queries.transpose(-1, -2))  # [calls, rows, heads, sampled, n_query]
@@ -287,8 +297,8 @@ class ConceptVotes(Hook):
             if drawn is None:  # a UNet's layer call (a joint forward's words were drawn by `select_tokens`)
                 drawn = self._draw(ctx) if self.keys is not None else self._draw_ahead(ctx)[(ctx.call, ctx.step)]
             positions, valid = drawn
-            if self.keys is None:  # a block's concept keys are the selection, in this order
-                positions = torch.arange(valid[0, 0].numel()).view(valid.shape[2:]).expand(valid.shape)
+            if self.keys is None:  # a block's concept keys are the selection, packed as `select_tokens` packs it
+                positions = packed_positions(valid)
             self._tables[ctx.step] = StepTables.build(positions, valid, device)
             self._call = ctx.call
             self._make_room(ctx, device)
