@@ -30,9 +30,12 @@ the k / q norms, exactly what RoPE would hand back.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,46 @@ class BlockStep:
 
 MODULATED = {("sd3", "joint"): "norm1_context", ("flux", "joint"): "norm1_context", ("flux", "single"): "norm"}
 """The adaptive norm, per kind of block, whose modulation (`norm.linear`'s output) the concept tokens share."""
+
+
+class FewRowsLinear(TorchFunctionMode):
+    """`F.linear(x, W, b)` of few rows and a wide weight computed as (W @ x^T + b)^T, on a CPU in float32.
+
+    The concept tokens are a few dozen rows against the model's weights (Flux-dev: 3072 x 12288). On this
+    project's CPU (torch's MKL sgemm, AVX2, 2 threads) W @ x^T takes 0.45-0.80 of x @ W^T's time from 34
+    to 136 rows at SD3-medium's and Flux-dev's widths, about the same at 340 rows, and 1.02-1.5 of it at
+    the shapes world's width of 128 (`benchmarks/few_rows_linear.py`, whose table sets MAX_ROWS and
+    MIN_WEIGHT). From 34 rows on the two results were equal bit for bit there. The result is a view of
+    its transpose, which the MLP's next linear then reads as a contiguous right-hand side. The mode is
+    entered around a block's concept-stream step (`few_rows_matmuls`), which is off the image's path.
+    """
+
+    MAX_ROWS = 256
+    MIN_WEIGHT = 2**20  # elements: 1024 x 1024
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (weight.numel() >= self.MIN_WEIGHT and x.dim() >= 2 and x.numel() <= self.MAX_ROWS * x.shape[-1]
+                    and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"):
+                flat = x.reshape(-1, x.shape[-1]).t()  # [in, rows]
+                out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)
+                return out.t().reshape(*x.shape[:-1], weight.shape[0])
+        return func(*args, **kwargs)
+
+
+def few_rows_matmuls(step):
+    """A block step whose linears run as `FewRowsLinear` when its states (the concept tokens) are few rows of a
+    wide model on a CPU in float32; the plain calls otherwise (no mode entered: nothing added per op)."""
+    @functools.wraps(step)
+    def run(block, states, *args, **kwargs):
+        wide = states.shape[-1] ** 2 >= FewRowsLinear.MIN_WEIGHT and states.dtype == torch.float32
+        few = states.numel() <= FewRowsLinear.MAX_ROWS * states.shape[-1] and states.device.type == "cpu"
+        with FewRowsLinear() if wide and few else contextlib.nullcontext():
+            return step(block, states, *args, **kwargs)
+    return run
 
 
 def step_for(family: str, kind: str):
@@ -120,6 +163,7 @@ def adaptive_norm(norm, states, temb, modulation=None):
 _CHUNKS = {"AdaLayerNormZero": 6, "AdaLayerNormZeroSingle": 3, "AdaLayerNormContinuous": 2}
 
 
+@few_rows_matmuls
 def sd3_joint_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                    modulation=None) -> BlockStep:
     """JointTransformerBlock's context path (norm1_context, add_q/k/v_proj + added norms, to_add_out, gates,
@@ -162,6 +206,7 @@ def _shared_projections(attn, normed):
     return attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
 
 
+@few_rows_matmuls
 def flux_double_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                      modulation=None) -> BlockStep:
     """FluxTransformerBlock's text path (norm1_context, added projections + norms, to_add_out, gates,
@@ -184,6 +229,7 @@ def flux_double_step(block, states, temb, image: ImageSide, carry: bool = True, 
     return BlockStep(key, output, states)
 
 
+@few_rows_matmuls
 def flux_single_step(block, states, temb, image: ImageSide, carry: bool = True, key_mask=None,
                      modulation=None) -> BlockStep:
     """FluxSingleTransformerBlock on the concept tokens: adaptive norm, the shared projections + norms and
