@@ -14,7 +14,10 @@ Overhead: the same prompt and seed generated three ways — plain, traced withou
 concept-vote reader (on SD3 / Flux: the concept stream carrying the word drawn for each concept, and
 the reader) — interleaved (order rotating each repeat) after a warm-up of each, in one process. Two
 ratios: of the arms' medians, and "paired", the median over repeats of an arm's time over plain's in
-the same repeat, which drift between repeats (other tenants of a shared machine) does not move.
+the same repeat, which drift between repeats (other tenants of a shared machine) does not move;
+and the same two for this process's CPU time (`time.process_time`, all its threads: what the run itself
+spent, which other tenants' load moves less than the wall time, though threads that wait for a core
+still spin).
 --joint adds, in the same process, small random joint-attention models of the shapes world's
 sizes, with the shapes concepts over the shapes tokenizer (23 one-token words):
   sd3   the SD3-style shapes architecture (headscope.shapes.mmdit, MMDiTConfig(): 5 joint blocks x 4
@@ -269,10 +272,12 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             probes[budget_arm(budget)][1].budget = int(budget * 2**20)
     arms = ARMS + tuple(arm for arm in probes if arm != "probe")
 
+    cpu = {arm: [] for arm in arms}  # this process's CPU seconds of each timed run (see the module docstring)
+
     def run(arm: str) -> float:
         generator = torch.Generator("cpu").manual_seed(0)
         call = dict(num_inference_steps=args.steps, generator=generator, output_type="latent", **call_options)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if arm == "plain":
             pipe(prompt, **call)
         elif arm == "traced":
@@ -286,6 +291,7 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
                 pipe(prompt, **call)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        cpu[arm].append(time.process_time() - start_cpu)
         return time.perf_counter() - start
 
     for arm in arms:  # warm-up: the concept stream encodes its words once, at its first call
@@ -297,6 +303,7 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
     if args.repeats == 0:
         return {**counted, "repeats": 0, "arm_prompts": len(prompt)}
     runs = {arm: [] for arm in arms}
+    cpu.update({arm: [] for arm in arms})  # the timed runs' only
     for repeat in range(args.repeats):
         order = arms[repeat % len(arms):] + arms[:repeat % len(arms)]
         for arm in order:
@@ -305,6 +312,7 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
     # Each repeat runs the arms back to back: the median of the per-repeat ratios cancels drift
     # between repeats (other tenants of a shared machine) that the ratio of medians keeps.
     paired = {arm: statistics.median(a / b for a, b in zip(runs[arm], runs["plain"])) for arm in arms[1:]}
+    paired_cpu = {arm: statistics.median(a / b for a, b in zip(cpu[arm], cpu["plain"])) for arm in arms[1:]}
     budgets = [{"budget_mib": budget, "slots": probes[budget_arm(budget)][1].slots,
                 "median_seconds": round(medians[budget_arm(budget)], 4),
                 "probe_over_plain": round(medians[budget_arm(budget)] / medians["plain"], 3),
@@ -315,6 +323,10 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             "traced_over_plain": round(medians["traced"] / medians["plain"], 3),
             "paired_probe_over_plain": round(paired["probe"], 3),
             "paired_traced_over_plain": round(paired["traced"], 3),
+            "cpu_median_seconds": {arm: round(statistics.median(times), 4) for arm, times in cpu.items()},
+            "paired_cpu_probe_over_plain": round(paired_cpu["probe"], 3),
+            "paired_cpu_traced_over_plain": round(paired_cpu["traced"], 3),
+            "cpu_seconds": {arm: [round(value, 4) for value in times] for arm, times in cpu.items()},
             "seconds": {arm: [round(value, 4) for value in times] for arm, times in runs.items()},
             "repeats": args.repeats, "arm_prompts": len(prompt), **counted,
             **({"slots": probes["probe"][1].slots, "budget_arms": budgets} if budgets else {})}
@@ -348,12 +360,13 @@ def side_by_side(results: list[dict]) -> str:
         timed = "median_seconds" in entry
         row = [entry["model"][:72], entry["family"], entry["heads"]]
         row += [entry["median_seconds"]["plain"], entry["traced_over_plain"], entry["probe_over_plain"],
-                entry["paired_traced_over_plain"], entry["paired_probe_over_plain"]] if timed else ["-"] * 5
+                entry["paired_traced_over_plain"], entry["paired_probe_over_plain"],
+                entry["paired_cpu_probe_over_plain"]] if timed else ["-"] * 6
         if flops:
             row.append(entry.get("probe_flops_over_plain", "-"))
         rows.append(tuple(row))
     names = ["model", "family", "heads", "plain s", "traced / plain", "probe / plain", "paired traced",
-             "paired probe"] + (["probe / plain FLOPs"] if flops else [])
+             "paired probe", "paired probe CPU"] + (["probe / plain FLOPs"] if flops else [])
     return "\n" + harness.table(rows, names, digits=3, left=2)
 
 
@@ -370,7 +383,9 @@ def table(result: dict) -> str:
                  ("generation, traced (no hook)", f"{medians['traced']:.4f} s  x{result['traced_over_plain']}"),
                  ("generation, with vote probe", f"{medians['probe']:.4f} s  x{result['probe_over_plain']}"),
                  ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
-                                                       f"probe x{result['paired_probe_over_plain']}")]
+                                                       f"probe x{result['paired_probe_over_plain']}"),
+                 ("paired ratios of CPU time", f"traced x{result['paired_cpu_traced_over_plain']}, "
+                                               f"probe x{result['paired_cpu_probe_over_plain']}")]
         if "budget_arms" in result:
             rows.append((f"probe's arena ({STREAM_BUDGET_BYTES / 2**20:g} MiB)",
                          f"{result['slots']} forwards side by side"))
