@@ -174,3 +174,32 @@ def test_a_second_selecting_reader_is_refused_and_the_pipeline_left_untraced(tin
     stream.readers.pop()
     with headscope.trace(tiny_sd3, maps=False, concepts=stream):  # nothing was left installed
         pass
+
+
+@torch.no_grad()
+def test_steps_of_one_packed_width_with_different_longest_words_are_scored_apart(tiny_flux):
+    # color and shape words of 1 or 2 tokens, animal of 1 or 3 ("ox": 3 with the tiny T5 tokenizer): a step
+    # choosing giraffe, dog, ant and one choosing red, ox, circle both carry 5 tokens, in tables 6 and 9 wide.
+    concepts = ConceptSet("tiny", {"color": ["red", "giraffe"], "animal": ["dog", "ox"], "shape": ["circle", "ant"]})
+    steps, prompts = 8, ["a red dog", "a blue circle", "an ox", "a red ant"]
+    reader, stream = concept_reader(tiny_flux, HeadIndex.from_model(tiny_flux), concepts, steps, seed=0)
+    selections = Selections()
+    stream.readers.append(selections)
+    with headscope.trace(tiny_flux, maps=False, concepts=stream):
+        for number, prompt in enumerate(prompts):  # a call per prompt: one row, its steps scored together
+            reader.begin([number])
+            tiny_flux(prompt, num_inference_steps=steps, output_type="latent", height=16, width=16,
+                      max_sequence_length=16, generator=torch.Generator().manual_seed(number))
+    votes = reader.step_votes  # every call's so far
+    widths = {}  # (call, packed width) -> the longest words of the call's steps that carried it
+    for (call, _), selection in selections.seen.items():
+        entries = torch.tensor([stream_entry(stream, int(position)) for position in selection.index[0]])
+        longest = int(torch.unique_consecutive(entries, return_counts=True)[1].max())
+        widths.setdefault((call, selection.index.shape[1]), set()).add(longest)
+    assert any(len(longest) > 1 for longest in widths.values())  # the case happened in a call
+    assert int(votes.sum()) == steps * len(prompts) * HeadIndex.from_model(tiny_flux).n_heads  # every vote counted
+
+
+def stream_entry(stream, position: int) -> int:
+    """The entry (word) of the stream whose tokens hold this position."""
+    return next(number for number, (start, stop) in enumerate(stream.spans) if start <= position < stop)

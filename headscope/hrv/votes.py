@@ -186,8 +186,10 @@ class ConceptVotes(Hook):
         the scores) of every kept layer call, of every kept step, one batch per query shape, into the buffer."""
         groups: dict[tuple, list] = {}
         for entry in self._kept:
-            _, _, query, keys = entry
-            shape = (tuple(query.shape), query.dtype, None if keys is None else tuple(keys.shape))
+            _, step, query, keys = entry
+            # Joint: steps of one packed width may differ in their longest word, so in their tables' width.
+            shape = (tuple(query.shape), query.dtype,
+                     None if keys is None else (tuple(keys.shape), self._tables[step].flat.shape[-1]))
             groups.setdefault(shape, []).append(entry)
         self._kept, self._kept_bytes = [], 0
         for entries in groups.values():
