@@ -56,11 +56,12 @@ class FewRowsLinear(TorchFunctionMode):
 
     The concept tokens are a few dozen rows against the model's weights (Flux-dev: 3072 x 12288). On this
     project's CPU (torch's MKL sgemm, AVX2, 2 threads) W @ x^T takes 0.45-0.80 of x @ W^T's time from 34
-    to 136 rows at SD3-medium's and Flux-dev's widths, about the same at 340 rows, and 1.02-1.5 of it at
-    the shapes world's width of 128 (`benchmarks/few_rows_linear.py`, whose table sets MAX_ROWS and
-    MIN_WEIGHT). From 34 rows on the two results were equal bit for bit there. The result is a view of
-    its transpose, which the MLP's next linear then reads as a contiguous right-hand side. The mode is
-    entered around a block's concept-stream step (`few_rows_matmuls`), which is off the image's path.
+    to 136 rows at SD3-medium's and Flux-dev's widths (0.97 for two of SD3's at 136), 0.97-1.08 of it at
+    340 rows and 1.02-1.64 at the shapes world's width of 128 (`benchmarks/few_rows_linear.py`, whose
+    table sets MAX_ROWS and MIN_WEIGHT). From 34 rows on the two results were equal bit for bit there.
+    The result is a view of its transpose, which the MLP's next linear then reads as a contiguous
+    right-hand side. The mode is entered around a block's concept-stream step (`few_rows_matmuls`),
+    which is off the image's path.
     """
 
     MAX_ROWS = 256
