@@ -203,3 +203,30 @@ def test_steps_of_one_packed_width_with_different_longest_words_are_scored_apart
 def stream_entry(stream, position: int) -> int:
     """The entry (word) of the stream whose tokens hold this position."""
     return next(number for number, (start, stop) in enumerate(stream.spans) if start <= position < stop)
+
+
+def test_the_scorer_in_chunks_of_queries_gives_the_one_pass_mean_padding_hidden(monkeypatch):
+    from headscope.hrv import votes
+
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 2, 4, 5, 8, generator=generator)  # [calls, rows, heads, sampled, d]
+    queries = torch.randn(3, 2, 4, 37, 8, generator=generator)  # 37 queries: the last chunk is short
+    bias = torch.zeros(3, 2, 1, 5, 1).index_fill_(3, torch.tensor([4]), float("-inf"))  # a padded slot
+    whole = (keys @ queries.transpose(-1, -2) + bias).softmax(dim=-2).mean(dim=-1)
+    assert torch.equal(votes.mean_softmax(keys, queries, bias), whole)  # fits: the one pass itself
+    monkeypatch.setattr(votes, "SCORE_CHUNK_BYTES", 3 * 2 * 4 * 5 * 4 * 8)  # 8 queries a chunk: 5 chunks
+    chunked = votes.mean_softmax(keys, queries, bias)
+    assert torch.allclose(chunked, whole, atol=1e-6) and not torch.equal(chunked, whole)
+    assert bool((chunked[..., 4] == 0).all())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
+def test_votes_scored_in_chunks_of_queries_are_the_one_pass_votes(family, request, monkeypatch):
+    from headscope.hrv import votes
+
+    pipe = request.getfixturevalue(family)
+    concepts = ConceptSet("tiny", {"color": ["red", "blue"], "animal": ["dog", "giraffe", "cat"]})
+    whole = vote(pipe, PROMPTS, [0, 1], concepts)
+    monkeypatch.setattr(votes, "SCORE_CHUNK_BYTES", 1)  # a query per chunk
+    assert torch.equal(vote(pipe, PROMPTS, [0, 1], concepts), whole)

@@ -34,6 +34,29 @@ from headscope.processor import Hook, HookContext
 from headscope.stream_arena import stacked
 
 VOTE_BUDGET_BYTES = 64 * 2**20  # kept queries' storage beyond this is scored at once (read at call time)
+SCORE_CHUNK_BYTES = 8 * 2**20  # most bytes of logits scored at once (read at call time)
+
+
+def mean_softmax(keys, queries, bias=None) -> torch.Tensor:
+    """The mean over queries of the softmax over keys of their products (+ bias): keys [..., sampled, d],
+    queries [..., n_query, d] -> [..., sampled]. In chunks of queries of at most `SCORE_CHUNK_BYTES` of logits:
+    at real width (SD3-medium at 1024 px: 14 MB a block) a chunk stays in cache and the allocator reuses its
+    memory, where one pass faults in fresh pages; one pass, as before, when they fit."""
+    n_query = queries.shape[-2]
+    per_query = keys.numel() // keys.shape[-1] * 4
+    chunk = max(1, SCORE_CHUNK_BYTES // max(1, per_query))
+    total = None
+    for start in range(0, n_query, chunk):
+        # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
+        # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
+        logits = torch.matmul(keys, queries[..., start:start + chunk, :].transpose(-1, -2))  # [..., sampled, n]
+        if bias is not None:
+            logits = logits + bias
+        if chunk >= n_query:
+            return logits.softmax(dim=-2).mean(dim=-1)
+        part = logits.softmax(dim=-2).sum(dim=-1)
+        total = part if total is None else total.add_(part)
+    return total / n_query
 
 
 def concept_reader(pipe, index: HeadIndex, concept_set: ConceptSet, n_steps: int, *, soft: bool = False,
@@ -211,12 +234,7 @@ class ConceptVotes(Hook):
                 if tables.mean is not None:  # words of several tokens: each table slot's key (else one per slot)
                     flat = tables.flat[at][:, :, None, :, None]  # [calls, rows, 1, sampled, 1]
                     chosen = chosen.gather(3, flat.expand(*chosen.shape[:3], flat.shape[3], chosen.shape[-1]))
-            # Keys-major logits: a softmax over a short, strided dimension is several times faster on CPU than
-            # over the last one when that is as short as the sampled tokens (6 for the shapes concepts).
-            logits = torch.matmul(chosen, queries.transpose(-1, -2))  # [calls, rows, heads, sampled, n_query]
-            if tables.bias is not None:
-                logits = logits + tables.bias[at]
-            probs = logits.softmax(dim=-2).mean(dim=-1)  # [calls, rows, heads, sampled]
+            probs = mean_softmax(chosen, queries, None if tables.bias is None else tables.bias[at])
             if tables.mean is not None:
                 probs = torch.matmul(probs, tables.mean[at])  # [calls, rows, heads, concepts]
             heads = self._heads_of(layers, self._buffer.device).view(len(entries), -1)  # [calls, heads]
