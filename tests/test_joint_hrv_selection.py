@@ -198,6 +198,8 @@ def test_steps_of_one_packed_width_with_different_longest_words_are_scored_apart
         widths.setdefault((call, selection.index.shape[1]), set()).add(longest)
     assert any(len(longest) > 1 for longest in widths.values())  # the case happened in a call
     assert int(votes.sum()) == steps * len(prompts) * HeadIndex.from_model(tiny_flux).n_heads  # every vote counted
+    # the stream's room: each concept's longest word, summed (giraffe 2 + ox 3 + ant 2), not 3 concepts x 3
+    assert reader.max_tokens == 7 and max(selection.index.shape[1] for selection in selections.seen.values()) <= 7
 
 
 def stream_entry(stream, position: int) -> int:

@@ -126,6 +126,7 @@ class ConceptVotes(Hook):
         self._votes = torch.zeros(n_steps, self.n_concepts, n_heads, dtype=torch.float64 if soft else torch.int64)
         self._generators: list[torch.Generator] = []
         self._positions, self._valid = word_table(tokens.spans)
+        self._most_tokens = int(self._valid.sum(dim=-1).amax(dim=-1).sum())
         self._concepts = torch.arange(self.n_concepts)
         self._drawn: dict[tuple[int, int], tuple] = {}  # joint: (call, step) -> the selection drawn, not yet scored
         self._call: int | None = None  # the call whose steps are pending
@@ -183,8 +184,9 @@ class ConceptVotes(Hook):
 
     @property
     def max_tokens(self) -> int:
-        """The most tokens `select_tokens` chooses per row: one word per concept, padded to the longest word."""
-        return self.n_concepts * self._positions.shape[-1]
+        """The most tokens `select_tokens` chooses per row: one word per concept, packed, so each concept's longest
+        word summed over concepts (hrv34: 34 plus one per concept with a two-token word)."""
+        return self._most_tokens
 
     def records_done(self) -> None:
         """The concept stream reuses its records' tensors after this: score what was kept of them."""
