@@ -17,7 +17,8 @@ ratios: of the arms' medians, and "paired", the median over repeats of an arm's 
 the same repeat, which drift between repeats (other tenants of a shared machine) does not move;
 and the same two for this process's CPU time (`time.process_time`, all its threads: what the run itself
 spent, which other tenants' load moves less than the wall time, though threads that wait for a core
-still spin).
+still spin); and each arm's median count of minor page faults (fresh pages mapped for the allocator: large
+tensors are allocated and freed by the kernel each time, and their first touch costs).
 --joint adds, in the same process, small random joint-attention models of the shapes world's
 sizes, with the shapes concepts over the shapes tokenizer (23 one-token words):
   sd3   the SD3-style shapes architecture (headscope.shapes.mmdit, MMDiTConfig(): 5 joint blocks x 4
@@ -34,6 +35,10 @@ The probe costs per block, so its ratio over the kept blocks is the whole model'
 --stream-budgets 0,4,16 adds probe arms on the joint models whose concept streams' arenas hold at most
 that many MiB (0: no arena, every block carried as it runs), interleaved with the others: what the
 arena's size does to the probe's cost (the default arena, STREAM_BUDGET_BYTES, holds 128 MiB).
+--rows-bound adds, on the joint models, a plain arm whose prompts are padded to as many more text tokens as the
+probe carries concepts (`max_sequence_length` + one token per concept): the same ops on that many more
+rows, the probe's carried rows with no op of their own (and the image attending to them too), a bound on
+what any design that carries the concept tokens through the blocks costs at that size.
 --flops also counts each arm's FLOPs in one generation after the warm-up (torch's FlopCounterMode: matmuls,
 convolutions and attention, the CPU flash-attention kernel included): the probe's cost where arithmetic
 dominates (an accelerator at real size), free of the machine's noise; --repeats 0 --flops counts only.
@@ -57,6 +62,7 @@ from headscope.models import call_defaults
 from headscope.stream import STREAM_BUDGET_BYTES
 
 ARMS = ("plain", "traced", "probe")
+ROWS_BOUND = "plain, a text token more per concept"  # --rows-bound
 JOINT_TEXT = 24  # T5 tokens per prompt, as the shapes MMDiT is trained
 
 
@@ -125,6 +131,8 @@ def options():
     parser.add_argument("--real", default=None, type=_real_models, metavar="sd3-medium,flux-dev",
                         help="also measure real-size joint backbones (see above), in this process")
     parser.add_argument("--real-side", default=512, type=int, help="image side in pixels of the real-size runs")
+    parser.add_argument("--rows-bound", action="store_true",
+                        help="joint models: a plain arm with one more text token per concept (see above)")
     parser.add_argument("--stream-budgets", default=[], type=_budgets, metavar="0,4,16",
                         help="joint models: more probe arms, each with a concept stream of its own whose arena holds "
                              "at most this many MiB (0: every block carried as it runs), interleaved with the others")
@@ -271,14 +279,20 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             probes[budget_arm(budget)] = concept_reader(pipe, index, concept_set, args.steps)
             probes[budget_arm(budget)][1].budget = int(budget * 2**20)
     arms = ARMS + tuple(arm for arm in probes if arm != "probe")
+    wider = dict(call_options)  # the rows-bound arm's call: a plain one, its text longer by a token per concept
+    if args.rows_bound and probes["probe"][1] is not None and call_options.get("max_sequence_length"):
+        wider["max_sequence_length"] += len(concept_set)
+        arms += (ROWS_BOUND,)
 
     cpu = {arm: [] for arm in arms}  # this process's CPU seconds of each timed run (see the module docstring)
+    faults = {arm: [] for arm in arms}  # and its minor page faults: fresh pages the allocator had the kernel map
 
     def run(arm: str) -> float:
         generator = torch.Generator("cpu").manual_seed(0)
-        call = dict(num_inference_steps=args.steps, generator=generator, output_type="latent", **call_options)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        if arm == "plain":
+        call = dict(num_inference_steps=args.steps, generator=generator, output_type="latent",
+                    **(wider if arm == ROWS_BOUND else call_options))
+        start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_faults()
+        if arm in ("plain", ROWS_BOUND):
             pipe(prompt, **call)
         elif arm == "traced":
             with headscope.trace(pipe, maps=False, hooks=[]):
@@ -292,11 +306,12 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         cpu[arm].append(time.process_time() - start_cpu)
+        faults[arm].append(minor_faults() - start_faults)
         return time.perf_counter() - start
 
     for arm in arms:  # warm-up: the concept stream encodes its words once, at its first call
         run(arm)
-    flops = {arm: count_flops(run, arm) for arm in ARMS} if args.flops else {}
+    flops = {arm: count_flops(run, arm) for arm in ARMS + (ROWS_BOUND,) if arm in arms} if args.flops else {}
     counted = {} if not flops else {
         "flops": flops, "probe_flops_over_plain": round(flops["probe"] / flops["plain"], 4),
         "traced_flops_over_plain": round(flops["traced"] / flops["plain"], 4)}
@@ -304,6 +319,7 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
         return {**counted, "repeats": 0, "arm_prompts": len(prompt)}
     runs = {arm: [] for arm in arms}
     cpu.update({arm: [] for arm in arms})  # the timed runs' only
+    faults.update({arm: [] for arm in arms})
     for repeat in range(args.repeats):
         order = arms[repeat % len(arms):] + arms[:repeat % len(arms)]
         for arm in order:
@@ -318,6 +334,11 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
                 "probe_over_plain": round(medians[budget_arm(budget)] / medians["plain"], 3),
                 "paired_probe_over_plain": round(paired[budget_arm(budget)], 3)}
                for budget in args.stream_budgets if budget_arm(budget) in probes]
+    bound = {} if ROWS_BOUND not in arms else {"rows_bound": {
+        "extra_tokens": len(concept_set), "max_sequence_length": wider["max_sequence_length"],
+        "over_plain": round(medians[ROWS_BOUND] / medians["plain"], 3),
+        "paired_over_plain": round(paired[ROWS_BOUND], 3), "paired_cpu_over_plain": round(paired_cpu[ROWS_BOUND], 3),
+        **({"flops_over_plain": round(flops[ROWS_BOUND] / flops["plain"], 4)} if flops else {})}}
     return {"median_seconds": {arm: round(value, 4) for arm, value in medians.items()},
             "probe_over_plain": round(medians["probe"] / medians["plain"], 3),
             "traced_over_plain": round(medians["traced"] / medians["plain"], 3),
@@ -327,9 +348,19 @@ def time_arms(pipe, concept_set, prompt: list[str], call_options: dict, args) ->
             "paired_cpu_probe_over_plain": round(paired_cpu["probe"], 3),
             "paired_cpu_traced_over_plain": round(paired_cpu["traced"], 3),
             "cpu_seconds": {arm: [round(value, 4) for value in times] for arm, times in cpu.items()},
+            "median_minor_faults": {arm: int(statistics.median(counts)) for arm, counts in faults.items()},
             "seconds": {arm: [round(value, 4) for value in times] for arm, times in runs.items()},
             "repeats": args.repeats, "arm_prompts": len(prompt), **counted,
-            **({"slots": probes["probe"][1].slots, "budget_arms": budgets} if budgets else {})}
+            **({"slots": probes["probe"][1].slots, "budget_arms": budgets} if budgets else {}), **bound}
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (Linux and macOS; 0 where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def budget_arm(budget: float) -> str:
@@ -385,7 +416,9 @@ def table(result: dict) -> str:
                  ("paired ratios (median per repeat)", f"traced x{result['paired_traced_over_plain']}, "
                                                        f"probe x{result['paired_probe_over_plain']}"),
                  ("paired ratios of CPU time", f"traced x{result['paired_cpu_traced_over_plain']}, "
-                                               f"probe x{result['paired_cpu_probe_over_plain']}")]
+                                               f"probe x{result['paired_cpu_probe_over_plain']}"),
+                 ("minor page faults (median)", ", ".join(f"{arm} {count:,}" for arm, count in
+                                                          result["median_minor_faults"].items()))]
         if "budget_arms" in result:
             rows.append((f"probe's arena ({STREAM_BUDGET_BYTES / 2**20:g} MiB)",
                          f"{result['slots']} forwards side by side"))
@@ -393,6 +426,13 @@ def table(result: dict) -> str:
             carried = f"{arm['slots']} forwards side by side" if arm["slots"] else "block by block"
             rows.append((budget_arm(arm["budget_mib"]), f"{arm['median_seconds']:.4f} s  x{arm['probe_over_plain']}, "
                                                         f"paired x{arm['paired_probe_over_plain']} ({carried})"))
+    if "rows_bound" in result:
+        bound = result["rows_bound"]
+        value = (f"{result['median_seconds'][ROWS_BOUND]:.4f} s  x{bound['over_plain']}, paired "
+                 f"x{bound['paired_over_plain']}, CPU x{bound['paired_cpu_over_plain']}")
+        if "flops_over_plain" in bound:
+            value += f", FLOPs x{bound['flops_over_plain']}"
+        rows.append((f"plain, {bound['extra_tokens']} more text tokens", value))
     if "flops" in result:
         rows.append(("FLOPs per generation, probe / plain", f"x{result['probe_flops_over_plain']} "
                                                             f"({result['flops']['plain']:.3g} plain)"))
