@@ -37,8 +37,9 @@ that many MiB (0: no arena, every block carried as it runs), interleaved with th
 arena's size does to the probe's cost (the default arena, STREAM_BUDGET_BYTES, holds 128 MiB).
 --rows-bound adds, on the joint models, a plain arm whose prompts are padded to as many more text tokens as the
 probe carries concepts (`max_sequence_length` + one token per concept): the same ops on that many more
-rows, the probe's carried rows with no op of their own (and the image attending to them too), a bound on
-what any design that carries the concept tokens through the blocks costs at that size.
+rows, i.e. what carried rows cost at that size with no op of their own. Not a strict floor: they ride on
+every row of the batch (SD3's guidance doubles them) and the image attends to them too, so they do more
+arithmetic than the probe's (compare the FLOP ratios).
 --flops also counts each arm's FLOPs in one generation after the warm-up (torch's FlopCounterMode: matmuls,
 convolutions and attention, the CPU flash-attention kernel included): the probe's cost where arithmetic
 dominates (an accelerator at real size), free of the machine's noise; --repeats 0 --flops counts only.
