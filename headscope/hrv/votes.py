@@ -43,7 +43,7 @@ def mean_softmax(keys, queries, bias=None) -> torch.Tensor:
     at real width (SD3-medium at 1024 px: 14 MB a block) a chunk stays in cache and the allocator reuses its
     memory, where one pass faults in fresh pages; one pass, as before, when they fit."""
     n_query = queries.shape[-2]
-    per_query = keys.numel() // keys.shape[-1] * 4
+    per_query = keys.numel() // keys.shape[-1] * keys.element_size()  # bytes of logits per query
     chunk = max(1, SCORE_CHUNK_BYTES // max(1, per_query))
     total = None
     for start in range(0, n_query, chunk):
